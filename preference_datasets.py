@@ -1,0 +1,236 @@
+"""Preference data: where rows come from, how they are tokenized, how batches
+are made.
+
+A row is a `PreferenceExample(prompt, chosen, rejected)`; `rejected` may be
+None for SFT-only data. `dataset=<name>` picks a loader from `LOADERS`:
+
+  synthetic      bundled, generated in code, verifiable (the default)
+  jsonl          a local .jsonl/.json file of {"prompt","chosen","rejected"} rows
+  hh, shp, ultrafeedback   the public formats, parsed in dataset_formats.py
+
+Tokenization follows the reference DPO repo: the prompt is truncated first
+(to `max_prompt_length`), then the responses (to fit `max_length`); prompt
+tokens are masked out of the loss with label -100; EOS ends each response.
+Batches are padded to their own longest sequence, not to max_length.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from utils import ConfigError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str
+    chosen: str
+    rejected: str | None = None
+
+
+# ----------------------------------------------------------------------------
+# The bundled task: sort a few letters. It is verifiable (the chosen answer is
+# the only right one), a tiny model learns it in a minute on a CPU, and the
+# rejected answer is a near miss (two neighbours swapped), so preferring the
+# chosen one requires having learned the task, not a surface cue.
+
+SORT_ALPHABET = "abcdefghijklmnop"
+
+
+def _sort_example(rng: random.Random, min_len: int, max_len: int) -> PreferenceExample:
+    n = rng.randint(min_len, max_len)
+    letters = rng.sample(SORT_ALPHABET, n)
+    answer = sorted(letters)
+    i = rng.randrange(n - 1)
+    wrong = answer.copy()
+    wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+    return PreferenceExample(prompt="".join(letters) + "=", chosen="".join(answer), rejected="".join(wrong))
+
+
+def load_synthetic(cfg, split: str) -> list[PreferenceExample]:
+    """Deterministic train/eval splits; no eval prompt appears in train."""
+    n_train, n_eval = cfg.n_train, cfg.n_eval
+    rng = random.Random(cfg.seed)
+    seen, rows = set(), []
+    while len(rows) < n_train + n_eval:
+        ex = _sort_example(rng, cfg.min_len, cfg.max_len)
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            rows.append(ex)
+    return rows[n_eval:] if split == "train" else rows[:n_eval]
+
+
+# ----------------------------------------------------------------------------
+# Local files.
+
+def read_json_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """(row number, object) pairs from a .jsonl file (one object a line) or a
+    .json file holding a list of objects. Errors name the file and row."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset.path={path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}")
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a JSON list of rows")
+        return list(enumerate(data, start=1))
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: row {lineno}: invalid JSON ({e.msg})")
+    return rows
+
+
+def load_jsonl(cfg, split: str) -> list[PreferenceExample]:
+    from dataset_formats import parse_prompt_chosen_rejected
+
+    if not cfg.get("path"):
+        raise ConfigError("dataset=jsonl needs dataset.path=<file.jsonl>")
+    path = cfg.path if split == "train" else (cfg.get("eval_path") or cfg.path)
+    rows = [parse_prompt_chosen_rejected(row, where=f"{path}: row {n}") for n, row in read_json_rows(path)]
+    if not cfg.get("eval_path"):
+        # One file for both splits: hold out the last `n_eval` rows for eval.
+        n_eval = min(cfg.n_eval, len(rows) // 5)
+        rows = rows[: len(rows) - n_eval] if split == "train" else rows[len(rows) - n_eval:]
+    return rows
+
+
+def _public_format(parser_name: str):
+    def load(cfg, split: str) -> list[PreferenceExample]:
+        import dataset_formats
+
+        return getattr(dataset_formats, parser_name)(cfg, split)
+
+    return load
+
+
+LOADERS = {
+    "synthetic": load_synthetic,
+    "jsonl": load_jsonl,
+    "hh": _public_format("load_hh"),
+    "shp": _public_format("load_shp"),
+    "ultrafeedback": _public_format("load_ultrafeedback"),
+}
+
+
+def get_examples(cfg, split: str) -> list[PreferenceExample]:
+    if cfg.name not in LOADERS:
+        raise ConfigError(f"dataset={cfg.name} is unknown; choose one of {', '.join(LOADERS)}")
+    rows = LOADERS[cfg.name](cfg, split)
+    if not rows:
+        raise ConfigError(f"dataset={cfg.name} has no {split} rows")
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# Tokenization.
+
+@dataclass
+class TokenizedExample:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int] | None
+
+
+def tokenize_example(ex: PreferenceExample, tokenizer, max_length: int, max_prompt_length: int,
+                     truncation_mode: str = "keep_end") -> TokenizedExample:
+    prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+    responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                 for r in (ex.chosen, ex.rejected) if r is not None]
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest > max_length:
+        # keep_end keeps the last turns of a dialogue (HH); keep_start the task statement.
+        prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
+    if len(prompt) + longest > max_length:
+        responses = [r[: max_length - len(prompt)] for r in responses]
+    return TokenizedExample(prompt, responses[0], responses[1] if len(responses) > 1 else None)
+
+
+def _pad(seqs: list[list[int]], value: int, length: int, left: bool = False) -> torch.Tensor:
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            out[i, length - len(s):] = torch.tensor(s)
+        else:
+            out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def collate(examples: list[TokenizedExample], pad_id: int, with_rejected: bool) -> dict[str, torch.Tensor]:
+    """One padded batch. With `with_rejected`, the rows are the B chosen
+    sequences followed by the B rejected ones, so one forward pass serves both
+    (the reference repo's concatenated_forward)."""
+    sequences = [ex.prompt + ex.chosen for ex in examples]
+    prompt_lens = [len(ex.prompt) for ex in examples]
+    if with_rejected:
+        sequences += [ex.prompt + ex.rejected for ex in examples]
+        prompt_lens += prompt_lens
+    length = max(len(s) for s in sequences)
+    input_ids = _pad(sequences, pad_id, length)
+    attention_mask = _pad([[1] * len(s) for s in sequences], 0, length)
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = IGNORE_INDEX
+    for i, n in enumerate(prompt_lens):
+        labels[i, :n] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched greedy generation."""
+    length = max(len(p) for p in prompts)
+    return {"input_ids": _pad(prompts, pad_id, length, left=True),
+            "attention_mask": _pad([[1] * len(p) for p in prompts], 0, length, left=True)}
+
+
+# ----------------------------------------------------------------------------
+# Batching with a position that can be saved and restored (for exact resume).
+
+class BatchStream:
+    """Endless stream of global batches (lists of examples) over `examples`:
+    each epoch is a fresh permutation seeded by (seed, epoch), so the order
+    depends only on the position, which `state()`/`load_state()` save and
+    restore for an exact resume."""
+
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int):
+        if len(examples) < batch_size:
+            raise ConfigError(f"the training set has {len(examples)} rows, fewer than batch_size={batch_size}")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def next_examples(self) -> list[TokenizedExample]:
+        if self.index + self.batch_size > len(self._order):  # drop the ragged tail
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation()
+        idx = self._order[self.index: self.index + self.batch_size]
+        self.index += self.batch_size
+        return [self.examples[i] for i in idx]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation()

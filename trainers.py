@@ -1,0 +1,307 @@
+"""Trainers: setup -> train -> cleanup.
+
+`BasicTrainer` is the single-process trainer and holds the whole recipe. A
+distributed trainer subclasses it and overrides only the small hooks grouped
+under "distributed hooks" (how models are wrapped, how metrics are reduced,
+how gradients are clipped and synced, how checkpoints are written); the
+training step itself reads the same for every trainer.
+
+Step accounting: `batch_size` examples (preference pairs) make one optimizer
+step, processed as `gradient_accumulation_steps` micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from losses import build_loss, preference_loss, sequence_logps, sft_loss
+from models import build_model, build_tokenizer
+from optimizers import build_optimizer, build_scheduler
+from preference_datasets import BatchStream, collate, collate_prompts, get_examples, tokenize_example
+from utils import (ConfigError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text,
+                   optimizer_state_bytes, resolve_device, resolve_dtype, set_seed, tensor_bytes)
+
+
+class BasicTrainer:
+    world_size = 1
+    rank = 0
+
+    def __init__(self, cfg, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.step = 0          # optimizer steps taken
+        self.examples = 0      # training pairs consumed
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self._setup_distributed()
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.precision, self.device)
+        self.loss = build_loss(cfg.loss)
+        set_seed(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg.model)
+        self._setup_data()
+        self.policy = self._setup_policy()
+        self.reference = self._setup_reference()
+        self.optimizer = build_optimizer(self.policy, cfg.optimizer.name, OmegaConf.to_container(cfg.optimizer),
+                                         cfg.lr, self.device, cfg.decay_embeddings)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.warmup_steps, cfg.max_steps)
+        self.memory = PeakMemory(self.device)
+        self.logger = self._setup_logger() if self.is_main else None
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        if cfg.batch_size % (cfg.gradient_accumulation_steps * self.world_size):
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps"
+                f"={cfg.gradient_accumulation_steps} x world size {self.world_size}")
+        self.micro_batch_size = cfg.batch_size // (cfg.gradient_accumulation_steps * self.world_size)
+
+        def tokenize(rows):
+            return [tokenize_example(r, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                     cfg.dataset.get("truncation_mode", "keep_end")) for r in rows]
+
+        train_rows = get_examples(cfg.dataset, "train")
+        self.eval_rows = get_examples(cfg.dataset, "eval")[: cfg.n_eval_examples]
+        if self.loss.is_preference and any(r.rejected is None for r in train_rows):
+            raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of dataset={cfg.dataset.name}")
+        # Each rank reads its own slice of every global batch.
+        self.train_stream = BatchStream(tokenize(train_rows), cfg.batch_size, cfg.seed)
+        self.eval_examples = tokenize(self.eval_rows)
+
+    def _setup_policy(self) -> torch.nn.Module:
+        policy = build_model(self.cfg.model, self.tokenizer, self.dtype, self.device)
+        return self._wrap(policy)
+
+    def _setup_reference(self) -> torch.nn.Module | None:
+        """A frozen copy of the starting policy (the SFT model when
+        model.archive points at an SFT run), as in the DPO paper."""
+        if not self.loss.needs_reference:
+            return None
+        reference = copy.deepcopy(self._unwrapped(self.policy)).eval().requires_grad_(False)
+        return self._wrap(reference)
+
+    def _setup_logger(self) -> MetricsLogger:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+        return MetricsLogger(self.run_dir, cfg.wandb, resolved, cfg.wandb.name)
+
+    # ------------------------------------------------------ distributed hooks
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _setup_distributed(self) -> None:
+        pass
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def _unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean over ranks; identity on one process."""
+        return metrics
+
+    def gradient_sync(self, last_micro_batch: bool):
+        """Context for one micro-batch's backward; a distributed trainer skips
+        the gradient reduce on all but the last micro-batch."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def memory_metrics(self) -> dict[str, int]:
+        params = list(self.policy.parameters())
+        state_total, state_by_name = optimizer_state_bytes(self.optimizer)
+        metrics = {
+            "memory/params_bytes": tensor_bytes(params),
+            "memory/grads_bytes": tensor_bytes(p.grad for p in params),
+            "memory/optimizer_state_bytes": state_total,
+            "memory/peak_bytes": self.memory.read(),
+        }
+        metrics.update({f"memory/optimizer_state/{k}_bytes": v for k, v in state_by_name.items()})
+        return metrics
+
+    def save_model(self, directory: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one progress bar (ours) is enough
+        self._unwrapped(self.policy).save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+    # ------------------------------------------------------------ the math
+    def batch_metrics(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict]:
+        """Loss and metrics of one micro-batch. For preference losses the batch
+        holds B chosen rows then B rejected rows: one forward pass for both."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps, n_tokens = sequence_logps(logits, batch["labels"])
+        if not self.loss.is_preference:
+            loss = sft_loss(logps, n_tokens)
+            return loss, {f"loss/{split}": loss.detach(), f"logps_{split}/chosen": logps.detach().mean()}
+
+        ref_logps = self.reference_logps(batch) if self.reference is not None else torch.zeros_like(logps)
+        b = logps.shape[0] // 2
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], self.loss.beta, self.loss.name,
+            self.loss.label_smoothing, self.loss.reference_free)
+        loss = losses.mean()
+        return loss, {
+            f"loss/{split}": loss.detach(),
+            f"rewards_{split}/chosen": chosen_rewards.mean(),
+            f"rewards_{split}/rejected": rejected_rewards.mean(),
+            f"rewards_{split}/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            f"rewards_{split}/margins": (chosen_rewards - rejected_rewards).mean(),
+            f"logps_{split}/chosen": logps[:b].detach().mean(),
+            f"logps_{split}/rejected": logps[b:].detach().mean(),
+        }
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["labels"])[0]
+
+    def micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
+        size = self.micro_batch_size
+        mine = examples[self.rank * len(examples) // self.world_size:(self.rank + 1) * len(examples) // self.world_size]
+        return [collate(mine[i:i + size], self.tokenizer.pad_token_id, self.loss.is_preference)
+                for i in range(0, len(mine), size)]
+
+    # ------------------------------------------------------------ training
+    def train_step(self, window: dict) -> None:
+        """One optimizer step over `batch_size` pairs. Metrics stay on the
+        device in `window` until the next log step: no per-step host sync."""
+        self.policy.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = self.micro_batches(self.train_stream.next_examples())
+        for i, batch in enumerate(micro):
+            with self.gradient_sync(last_micro_batch=i == len(micro) - 1):
+                loss, metrics = self.batch_metrics(batch, "train")
+                (loss / len(micro)).backward()
+            for k, v in metrics.items():
+                window[k].append(v)
+            window["_tokens"].append(batch["attention_mask"].sum())
+        window["grad_norm"].append(self.clip_grad_norm())
+        window["lr"].append(torch.tensor(self.scheduler.get_last_lr()[0]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.examples += self.cfg.batch_size
+
+    def train(self) -> None:
+        cfg = self.cfg
+        window, window_start, train_time = defaultdict(list), time.perf_counter(), 0.0
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main,
+                        dynamic_ncols=True)
+        self.evaluate()
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            self.train_step(window)
+            train_time += time.perf_counter() - t0
+            progress.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                logged = self.log_window(window, train_time)
+                progress.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in logged.items()
+                                      if k in ("loss/train", "rewards_train/accuracies")})
+                window, train_time = defaultdict(list), 0.0
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                self.evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        progress.close()
+
+    def log_window(self, window: dict, train_time: float) -> dict:
+        tokens = torch.stack(window.pop("_tokens")).sum()
+        means = {k: torch.stack(v).float().mean() for k, v in window.items()}
+        means["_tokens"] = tokens.float()
+        means = {k: v.item() for k, v in self.reduce_metrics(means).items()}
+        tokens = means.pop("_tokens") * self.world_size
+        metrics = {"step": self.step, "examples": self.examples, **means,
+                   "tokens_per_s": tokens / max(train_time, 1e-9), **self.memory_metrics()}
+        if self.is_main:
+            self.logger.log(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.policy.eval()
+        sums, n = defaultdict(float), 0
+        size = self.cfg.eval_batch_size * self.world_size
+        for i in range(0, len(self.eval_examples), size):
+            mine = self.eval_examples[i:i + size][self.rank::self.world_size]
+            _, metrics = self.batch_metrics(collate(mine, self.tokenizer.pad_token_id, self.loss.is_preference), "eval")
+            for k, v in metrics.items():
+                sums[k] += v * len(mine)
+            n += len(mine)
+        metrics = {k: v / n for k, v in sums.items()}
+        if self.cfg.dataset.get("verifiable") and self.cfg.n_eval_generations:
+            metrics["generate_eval/accuracy"] = self.generation_accuracy()
+        metrics = {k: float(v) for k, v in self.reduce_metrics(
+            {k: torch.as_tensor(v, device=self.device) for k, v in metrics.items()}).items()}
+        if self.is_main:
+            self.logger.log({"step": self.step, "examples": self.examples, **metrics})
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                              if k in ("loss/eval", "rewards_eval/accuracies", "rewards_eval/margins",
+                                       "generate_eval/accuracy"))
+            tqdm.write(f"eval @ step {self.step}: {shown}")
+        return metrics
+
+    @torch.no_grad()
+    def generation_accuracy(self) -> float:
+        """Greedy decoding on held-out prompts; exact match with the chosen
+        answer (the bundled task is verifiable: chosen is the right answer)."""
+        rows = self.eval_rows[self.rank:self.cfg.n_eval_generations:self.world_size]
+        examples = self.eval_examples[self.rank:self.cfg.n_eval_generations:self.world_size]
+        batch = collate_prompts([ex.prompt for ex in examples], self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        max_new = max(len(ex.chosen) for ex in examples)
+        out = self._unwrapped(self.policy).generate(
+            **batch, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id)
+        answers = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct = sum(a.strip() == r.chosen.strip() for a, r in zip(answers, rows))
+        return correct / max(1, len(rows))
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """<run_dir>/checkpoints/step-<n>/ in Hugging Face format, written to a
+        temporary name and renamed; LATEST is replaced atomically after."""
+        ckpt_root = self.run_dir / "checkpoints"
+        final = ckpt_root / f"step-{self.step}"
+        if self.is_main:
+            with atomic_directory(final) as tmp:
+                self.save_model(tmp)
+                atomic_write_text(tmp / "prefopt_state.json",
+                                  json.dumps({"step": self.step, "examples": self.examples}))
+            atomic_write_text(ckpt_root / "LATEST", final.name + "\n")
+        return final
+
+    # ------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+
+TRAINERS = {"basic": BasicTrainer}
+
+
+def build_trainer(cfg, run_dir) -> BasicTrainer:
+    name = cfg.trainer.name
+    if name not in TRAINERS:
+        raise ConfigError(f"trainer={name} is unknown; choose one of {', '.join(TRAINERS)}")
+    return TRAINERS[name](cfg, run_dir)

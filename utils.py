@@ -1,0 +1,202 @@
+"""Small helpers shared by every part of prefopt: errors, seeding, exact memory
+accounting, atomic file writes and the metrics sink (jsonl + wandb)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ConfigError(Exception):
+    """A mistake in what the user asked for. train.py prints it as one line and
+    exits with status 2 instead of showing a traceback."""
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was requested but no CUDA GPU is visible; use device=cpu or device=auto")
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in DTYPES:
+        raise ConfigError(f"precision={precision} is unknown; choose one of {', '.join(DTYPES)}")
+    if device.type == "cpu" and precision != "fp32":
+        # bf16 matmuls are ~160x slower than fp32 on the CPUs we test on: a run
+        # would look hung. Refuse rather than silently crawl.
+        raise ConfigError(f"precision={precision} on CPU is far slower than fp32; use precision=fp32 on CPU ({precision} is for GPUs)")
+    return DTYPES[precision]
+
+
+# ----------------------------------------------------------------------------
+# Exact memory accounting. Everything is counted from live tensors, one
+# storage at a time, so views and tied weights are never counted twice.
+
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (t.device, s.data_ptr())
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by the storages behind `tensors`, each storage counted once."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.is_meta:
+            continue
+        key = _storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, int]]:
+    """Exact bytes of every tensor in `optimizer.state`, with a breakdown per
+    state name (exp_avg, exp_avg_sq, square_avg, momentum_buffer, step, ...).
+    A storage shared by two entries is counted once, under the first name."""
+    seen, per_name = set(), {}
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            for t in _tensors_in(value):
+                key = _storage_key(t)
+                if key in seen:
+                    continue
+                seen.add(key)
+                per_name[name] = per_name.get(name, 0) + t.untyped_storage().nbytes()
+    return sum(per_name.values()), per_name
+
+
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        if not value.is_meta:
+            yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+
+
+class PeakMemory:
+    """Peak memory since the last `read()`: max allocated on a GPU (reset after
+    each read, like torchtitan's monitor); peak RSS of the process on CPU (the
+    kernel cannot reset it, so on CPU this is the peak since start)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return int(peak)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes: a crash leaves either the old file/dir or the new one, never half.
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(final: str | Path):
+    """Yield a temporary directory beside `final`; on success fsync it and
+    rename it to `final`. On error the temporary directory is removed and
+    `final` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# Metrics sink: one JSON object per log step in <run_dir>/metrics.jsonl, and
+# the same dict to wandb (offline by default, so no account or network needed).
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, wandb_cfg, run_config: dict, run_name: str):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)
+        self.wandb_run = None
+        if wandb_cfg.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb_run = wandb.init(
+                mode=wandb_cfg.mode,
+                project=wandb_cfg.project,
+                group=wandb_cfg.group,
+                name=run_name,
+                tags=list(wandb_cfg.tags or []),
+                dir=str(run_dir),
+                config=run_config,
+                settings=wandb.Settings(silent=True),
+            )
+
+    def log(self, metrics: dict) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=metrics["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error for the user and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
