@@ -5,8 +5,10 @@ A row is a `PreferenceExample(prompt, chosen, rejected)`; `rejected` may be
 None for SFT-only data. `dataset=<name>` picks a loader from `LOADERS`:
 
   synthetic      bundled, generated in code, verifiable (the default)
-  jsonl          a local .jsonl/.json file of {"prompt","chosen","rejected"} rows
-  hh, shp, ultrafeedback   the public formats, parsed in dataset_formats.py
+  jsonl          a local .jsonl/.json/.parquet file of {"prompt","chosen","rejected"}
+                 rows (or conversational message lists)
+  hh, shp, ultrafeedback   the public formats
+The parsers for everything but `synthetic` live in dataset_formats.py.
 
 Tokenization follows the reference DPO repo: the prompt is truncated first
 (to `max_prompt_length`), then the responses (to fit `max_length`); prompt
@@ -78,7 +80,8 @@ def read_json_rows(path: str | Path) -> list[tuple[int, dict]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
+        row = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: row {row}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -98,20 +101,6 @@ def read_json_rows(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def load_jsonl(cfg, split: str) -> list[PreferenceExample]:
-    from dataset_formats import parse_prompt_chosen_rejected
-
-    if not cfg.get("path"):
-        raise ConfigError("dataset=jsonl needs dataset.path=<file.jsonl>")
-    path = cfg.path if split == "train" else (cfg.get("eval_path") or cfg.path)
-    rows = [parse_prompt_chosen_rejected(row, where=f"{path}: row {n}") for n, row in read_json_rows(path)]
-    if not cfg.get("eval_path"):
-        # One file for both splits: hold out the last `n_eval` rows for eval.
-        n_eval = min(cfg.n_eval, len(rows) // 5)
-        rows = rows[: len(rows) - n_eval] if split == "train" else rows[len(rows) - n_eval:]
-    return rows
-
-
 def _public_format(parser_name: str):
     def load(cfg, split: str) -> list[PreferenceExample]:
         import dataset_formats
@@ -123,7 +112,7 @@ def _public_format(parser_name: str):
 
 LOADERS = {
     "synthetic": load_synthetic,
-    "jsonl": load_jsonl,
+    "jsonl": _public_format("load_prompt_chosen_rejected"),
     "hh": _public_format("load_hh"),
     "shp": _public_format("load_shp"),
     "ultrafeedback": _public_format("load_ultrafeedback"),
