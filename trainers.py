@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import signal
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+import checkpoints
 from losses import build_loss, preference_loss, sequence_logps, sft_loss
 from models import build_model, build_tokenizer
 from optimizers import build_optimizer, build_scheduler
@@ -56,6 +59,9 @@ class BasicTrainer:
                                          cfg.lr, self.device, cfg.decay_embeddings)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.warmup_steps, cfg.max_steps)
         self.memory = PeakMemory(self.device)
+        self.window = defaultdict(list)   # train metrics since the last log, kept on the device
+        if cfg.resume:
+            self.load_checkpoint(checkpoints.find_resumable(self.run_dir, self.print))
         self.logger = self._setup_logger() if self.is_main else None
 
     def _setup_data(self) -> None:
@@ -205,24 +211,30 @@ class BasicTrainer:
 
     def train(self) -> None:
         cfg = self.cfg
-        window, window_start, train_time = defaultdict(list), time.perf_counter(), 0.0
+        train_time = 0.0
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main,
                         dynamic_ncols=True)
-        self.evaluate()
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            self.train_step(window)
-            train_time += time.perf_counter() - t0
-            progress.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                logged = self.log_window(window, train_time)
-                progress.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in logged.items()
-                                      if k in ("loss/train", "rewards_train/accuracies")})
-                window, train_time = defaultdict(list), 0.0
-            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                self.evaluate()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+        if self.step == 0:
+            self.evaluate()
+        with StopOnSignal() as stop:
+            while self.step < cfg.max_steps and not stop.requested:
+                t0 = time.perf_counter()
+                self.train_step(self.window)
+                train_time += time.perf_counter() - t0
+                progress.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    logged = self.log_window(self.window, train_time)
+                    progress.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in logged.items()
+                                          if k in ("loss/train", "rewards_train/accuracies")})
+                    self.window, train_time = defaultdict(list), 0.0
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    self.evaluate()
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                    self.save_checkpoint()
+            if stop.requested and self.step < cfg.max_steps:
                 self.save_checkpoint()
+                self.print(f"stopped by {stop.requested} at step {self.step}; checkpoint saved. Resume with: "
+                           f"python train.py {' '.join(sys.argv[1:])} run_dir={self.run_dir} resume=true")
         progress.close()
 
     def log_window(self, window: dict, train_time: float) -> dict:
@@ -278,23 +290,91 @@ class BasicTrainer:
         return correct / max(1, len(rows))
 
     # ------------------------------------------------------------ checkpoints
+    def training_state(self) -> dict:
+        """Everything besides the weights that an exact resume needs."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "examples": self.examples,
+            "data": self.train_stream.state(),
+            "rng": checkpoints.rng_state(),
+            "window": {k: [t.detach().cpu() for t in v] for k, v in self.window.items()},
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.examples = state["step"], state["examples"]
+        self.train_stream.load_state(state["data"])
+        checkpoints.set_rng_state(state["rng"])
+        self.window = defaultdict(list, {k: [t.to(self.device) for t in v] for k, v in state["window"].items()})
+
     def save_checkpoint(self) -> Path:
-        """<run_dir>/checkpoints/step-<n>/ in Hugging Face format, written to a
-        temporary name and renamed; LATEST is replaced atomically after."""
-        ckpt_root = self.run_dir / "checkpoints"
-        final = ckpt_root / f"step-{self.step}"
+        """<run_dir>/checkpoints/step-<n>/: the Hugging Face export plus the
+        training state, written to a temporary name, fsynced and renamed;
+        LATEST is replaced atomically after, then old ones are pruned."""
+        final = checkpoints.checkpoint_root(self.run_dir) / f"step-{self.step}"
         if self.is_main:
             with atomic_directory(final) as tmp:
                 self.save_model(tmp)
+                torch.save(self.training_state(), tmp / checkpoints.STATE_FILE)
                 atomic_write_text(tmp / "prefopt_state.json",
                                   json.dumps({"step": self.step, "examples": self.examples}))
-            atomic_write_text(ckpt_root / "LATEST", final.name + "\n")
+            checkpoints.write_latest(self.run_dir, final)
+            checkpoints.prune(self.run_dir, self.cfg.keep_last)
         return final
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        """Resume: weights into the policy (the reference stays the starting
+        model), then optimizer, schedule, counters, RNG and data position."""
+        weights = checkpoints.load_model_weights(ckpt)
+        policy = self._unwrapped(self.policy)
+        missing, unexpected = policy.load_state_dict(weights, strict=False)
+        tied = {k for k in missing if policy.config.tie_word_embeddings and "lm_head" in k}
+        if unexpected or set(missing) - tied:
+            raise ConfigError(f"checkpoint {ckpt} does not match the configured model "
+                              f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        self.load_training_state(checkpoints.load_state_file(ckpt))
+        if self.is_main:
+            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.print(f"resumed from {ckpt} at step {self.step}")
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message, file=sys.stderr)
 
     # ------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
+
+
+class StopOnSignal:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (it then
+    saves a checkpoint and exits 0); a second signal exits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested = None
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print("\nsecond signal: exiting now without a checkpoint", file=sys.stderr)
+            raise SystemExit(130)
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing this step, then saving a checkpoint "
+              "(send it again to exit at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 TRAINERS = {"basic": BasicTrainer}
