@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from preference_datasets import PreferenceExample, read_json_rows
+from preference_datasets import BadRows, PreferenceExample, read_json_rows
 from utils import ConfigError
 
 HUMAN = "\n\nHuman:"
@@ -301,13 +301,13 @@ def parse_ultrafeedback(row: dict, where: str) -> PreferenceExample:
 # ----------------------------------------------------------------------------
 # Where rows come from.
 
-def _file_rows(path: str, key: str) -> tuple[str, Iterable[tuple[int, object]]]:
+def _file_rows(path: str, key: str, bad_rows: BadRows) -> tuple[str, Iterable[tuple[int, object]]]:
     """(label for messages, (row number, row) pairs) of a local file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"dataset.{key}={path} does not exist; pass a local .jsonl, .json or .parquet file")
     if p.suffix in (".jsonl", ".json"):
-        return str(path), read_json_rows(p)
+        return str(path), read_json_rows(p, bad_rows)
     if p.suffix == ".parquet":
         import datasets
 
@@ -337,17 +337,19 @@ def _hub_rows(cfg, split: str) -> tuple[str, Iterable[tuple[int, object]]]:
     return f"{hub} ({hub_split} split)", enumerate(table, start=1)
 
 
-def _load(cfg, split: str, parse: Callable[[dict, str], PreferenceExample],
+def _load(cfg, split: str, bad_rows: BadRows | None, parse: Callable[[dict, str], PreferenceExample],
           keep: Callable[[Mapping, str], bool] | None = None) -> list[PreferenceExample]:
     """Rows of `split` ("train", or anything else for eval) parsed by `parse`,
     filtered by `keep`, then held out and capped as the config says."""
     train = split == "train"
+    bad_rows = bad_rows or BadRows()
     path, eval_path = cfg.get("path"), cfg.get("eval_path")
     if eval_path and not path:
         raise ConfigError("dataset.eval_path is set but dataset.path is not; pass dataset.path=<train file> too")
     if path:
         from_eval_file = bool(eval_path) and not train
-        label, rows = _file_rows(eval_path if from_eval_file else path, "eval_path" if from_eval_file else "path")
+        label, rows = _file_rows(eval_path if from_eval_file else path, "eval_path" if from_eval_file else "path",
+                                 bad_rows)
         hold_out = not eval_path
     else:
         label, rows = _hub_rows(cfg, split)
@@ -356,9 +358,12 @@ def _load(cfg, split: str, parse: Callable[[dict, str], PreferenceExample],
     examples = []
     for n, row in rows:
         where = f"{label}: row {n}"
-        example = parse(row, where)
-        if keep is None or keep(row, where):
-            examples.append(example)
+        try:
+            example = parse(row, where)
+            if keep is None or keep(row, where):
+                examples.append(example)
+        except ConfigError as e:
+            bad_rows(e)
 
     if hold_out:
         # One file for both splits: its last n_eval rows (after filters) are the eval split.
@@ -381,11 +386,11 @@ def _load(cfg, split: str, parse: Callable[[dict, str], PreferenceExample],
 # ----------------------------------------------------------------------------
 # Loaders: (cfg, split) -> list[PreferenceExample], as preference_datasets.LOADERS expects.
 
-def load_hh(cfg, split: str) -> list[PreferenceExample]:
-    return _load(cfg, split, parse_hh)
+def load_hh(cfg, split: str, bad_rows: BadRows | None = None) -> list[PreferenceExample]:
+    return _load(cfg, split, bad_rows, parse_hh)
 
 
-def load_shp(cfg, split: str) -> list[PreferenceExample]:
+def load_shp(cfg, split: str, bad_rows: BadRows | None = None) -> list[PreferenceExample]:
     """SHP pairs, keeping only those with score_ratio >= dataset.min_score_ratio
     when it is set. score_ratio is the preferred comment's score over the other's
     (>= 1); a ratio near 1 is a near tie, a noisy label. The reference DPO repo
@@ -393,17 +398,17 @@ def load_shp(cfg, split: str) -> list[PreferenceExample]:
     score_B, the same number), so shp.yaml sets 2.0; null keeps every pair."""
     min_ratio = cfg.get("min_score_ratio")
     if min_ratio is None:
-        return _load(cfg, split, parse_shp)
+        return _load(cfg, split, bad_rows, parse_shp)
     min_ratio = float(min_ratio)
-    return _load(cfg, split, parse_shp, keep=lambda row, where: _shp_score_ratio(row, where) >= min_ratio)
+    return _load(cfg, split, bad_rows, parse_shp, keep=lambda row, where: _shp_score_ratio(row, where) >= min_ratio)
 
 
-def load_ultrafeedback(cfg, split: str) -> list[PreferenceExample]:
-    return _load(cfg, split, parse_ultrafeedback)
+def load_ultrafeedback(cfg, split: str, bad_rows: BadRows | None = None) -> list[PreferenceExample]:
+    return _load(cfg, split, bad_rows, parse_ultrafeedback)
 
 
-def load_prompt_chosen_rejected(cfg, split: str) -> list[PreferenceExample]:
+def load_prompt_chosen_rejected(cfg, split: str, bad_rows: BadRows | None = None) -> list[PreferenceExample]:
     """A user's file of `parse_prompt_chosen_rejected` rows with the same
     path/eval_path/n_eval/n_train handling as the public formats, .parquet
     included (dataset=jsonl)."""
-    return _load(cfg, split, parse_prompt_chosen_rejected)
+    return _load(cfg, split, bad_rows, parse_prompt_chosen_rejected)

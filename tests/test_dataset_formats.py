@@ -127,7 +127,7 @@ def test_jsonl_conversational_rows():
     ("bad_chat_last_turn.jsonl", ["row 1", 'field "chosen" ends with a user message']),
     # read_json_rows (preference_datasets) reports these two: no field to name
     ("bad_json_line.jsonl", ["row 3", "invalid JSON"]),
-    ("bad_not_utf8.jsonl", ["not valid UTF-8", "byte 66"]),  # 51-byte line 1 + len('{"prompt": "caf')
+    ("bad_not_utf8.jsonl", ["row 2", "not valid UTF-8", "byte 15 of the row"]),  # len('{"prompt": "caf')
 ])
 def test_malformed_user_files(fixture, expected):
     path = FIX / fixture

@@ -1,0 +1,304 @@
+"""Compare prefopt runs: one table and one PNG, from the run dirs alone.
+
+    python compare.py runs/sweep_2026-01-01_12-00-00            # every run in a sweep
+    python compare.py runs/run_a runs/run_b --target-loss 0.5   # or run dirs, or several sweeps
+    python compare.py <sweep> --json                            # machine-readable
+    python compare.py <sweep> --markdown --plot results.png     # for a README
+
+A run dir is a folder holding `metrics.jsonl` and `config.yaml` (what
+train.py writes); a sweep dir is a folder whose sub-folders are run dirs (what
+`python train.py -m ...` writes). Nothing else is read: no wandb needed.
+
+Columns (all from metrics.jsonl unless said otherwise):
+  run              the run dir's name
+  optimizer        config.yaml `optimizer.name`, plus `momentum=` and
+                   `nesterov` when set (SGD vs SGD with momentum)
+  lr, loss         config.yaml `lr` and `loss.name`
+  eval_loss        `loss/eval` at the last eval; best_eval_loss: its minimum
+  reward_acc       `rewards_eval/accuracies` at the last eval
+  reward_margin    `rewards_eval/margins` at the last eval
+  tokens_per_s     mean of `tokens_per_s` over all log steps
+  state_bytes      `memory/optimizer_state_bytes` at the last log step
+  state_B/param    state_bytes / number of parameters, where the number of
+                   parameters is `memory/params_bytes` / bytes per element of
+                   the parameter dtype (config.yaml `precision`: fp32 -> 4,
+                   bf16/fp16 -> 2; every parameter has that dtype). AdamW in
+                   fp32 is 8 (two fp32 buffers) plus its per-tensor step
+                   counters, which is why the value is a hair above 8.
+  peak_MiB         max of `memory/peak_bytes` over the log steps, in MiB
+                   (GPU: max allocated; CPU: peak RSS of the process)
+  steps_to_target  the first eval step with `loss/eval` <= --target-loss;
+                   n/a when never reached
+  sparsity_bf16    `update/sparsity` at the last log step, and
+  sparsity_exact   `update/sparsity_exact` (only when some run logged them:
+                   metrics.update_sparsity=true)
+
+The PNG has three panels side by side: eval loss, eval reward margin, and
+memory (optimizer state, solid; peak, dashed) against the optimizer step.
+
+A path that is neither a run nor a sweep of runs is refused with one line on
+stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+RUN_FILES = ("metrics.jsonl", "config.yaml")
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+DEFAULT_TARGET_LOSS = 0.5  # DPO starts at ln 2 = 0.693 (policy == reference)
+MIB = 2 ** 20
+
+
+class CompareError(Exception):
+    """Something the user pointed us at is not what we need: one line, exit 2."""
+
+
+# ----------------------------------------------------------------------------
+# Finding and reading runs.
+
+def is_run(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in RUN_FILES)
+
+
+def _natural_key(path: Path):
+    """Sweep jobs are named `<num>_...`: sort 2 before 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    runs: list[Path] = []
+    for arg in paths:
+        path = Path(arg)
+        if is_run(path):
+            found = [path]
+        elif path.is_dir():
+            found = sorted((d for d in path.iterdir() if is_run(d)), key=_natural_key)
+        else:
+            found = []
+        if not found:
+            what = "does not exist" if not path.exists() else "is not a folder" if not path.is_dir() else \
+                "is not a run (no metrics.jsonl + config.yaml) nor a sweep folder of runs"
+            raise CompareError(f"{arg} {what}; pass run dirs or sweep dirs written by train.py")
+        runs += [r for r in found if r.resolve() not in {x.resolve() for x in runs}]
+    return runs
+
+
+def read_metrics(run: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate((run / "metrics.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # e.g. a line cut short by a killed run
+            print(f"warning: {run / 'metrics.jsonl'}:{n} is not JSON; skipped", file=sys.stderr)
+    return rows
+
+
+def read_config(run: Path) -> dict:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise CompareError(f"{run / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("optimizer"), dict):
+        raise CompareError(f"{run / 'config.yaml'} is not a prefopt run config (no optimizer section)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# One row per run.
+
+def optimizer_label(opt: dict) -> str:
+    label = str(opt.get("name"))
+    extras = []
+    if opt.get("momentum"):
+        extras.append(f"momentum={opt['momentum']:g}")
+    if opt.get("nesterov"):
+        extras.append("nesterov")
+    return f"{label}({', '.join(extras)})" if extras else label
+
+
+def _last(rows: list[dict], key: str):
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def summarize(run: Path, target_loss: float) -> dict:
+    cfg = read_config(run)
+    rows = read_metrics(run)
+    evals = [r for r in rows if "loss/eval" in r]
+    logs = [r for r in rows if "memory/optimizer_state_bytes" in r]
+    last_log = logs[-1] if logs else {}
+    precision = cfg.get("precision", "fp32")
+    params_bytes = last_log.get("memory/params_bytes")
+    n_params = params_bytes // BYTES_PER_ELEMENT[precision] if params_bytes and precision in BYTES_PER_ELEMENT else None
+    state = last_log.get("memory/optimizer_state_bytes")
+    tokens = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    peaks = [r["memory/peak_bytes"] for r in rows if "memory/peak_bytes" in r]
+    reached = [r["step"] for r in evals if r["loss/eval"] <= target_loss]
+    return {
+        "run": run.name,
+        "path": str(run),
+        "optimizer": optimizer_label(cfg["optimizer"]),
+        "lr": cfg.get("lr"),
+        "loss": (cfg.get("loss") or {}).get("name"),
+        "steps": rows[-1]["step"] if rows else None,
+        "eval_loss": evals[-1]["loss/eval"] if evals else None,
+        "best_eval_loss": min(r["loss/eval"] for r in evals) if evals else None,
+        "reward_acc": _last(evals, "rewards_eval/accuracies"),
+        "reward_margin": _last(evals, "rewards_eval/margins"),
+        "tokens_per_s": sum(tokens) / len(tokens) if tokens else None,
+        "state_bytes": state,
+        "params": n_params,
+        "state_bytes_per_param": state / n_params if state is not None and n_params else None,
+        "peak_bytes": max(peaks) if peaks else None,
+        "steps_to_target": reached[0] if reached else None,
+        "sparsity_bf16": _last(logs, "update/sparsity"),
+        "sparsity_exact": _last(logs, "update/sparsity_exact"),
+        "_curves": {
+            "eval_step": [r["step"] for r in evals],
+            "eval_loss": [r["loss/eval"] for r in evals],
+            "margin_step": [r["step"] for r in evals if "rewards_eval/margins" in r],
+            "margin": [r["rewards_eval/margins"] for r in evals if "rewards_eval/margins" in r],
+            "mem_step": [r["step"] for r in logs],
+            "state": [r["memory/optimizer_state_bytes"] for r in logs],
+            "peak_step": [r["step"] for r in logs if "memory/peak_bytes" in r],
+            "peak": [r["memory/peak_bytes"] for r in logs if "memory/peak_bytes" in r],
+        },
+    }
+
+
+# ----------------------------------------------------------------------------
+# The table.
+
+def columns(summaries: list[dict], target_loss: float) -> list[tuple[str, str, callable]]:
+    """(header, key, formatter) for the table."""
+    def num(fmt):
+        return lambda v: "n/a" if v is None else format(v, fmt)
+
+    cols = [
+        ("run", "run", str),
+        ("optimizer", "optimizer", str),
+        ("lr", "lr", num("g")),
+        ("loss", "loss", str),
+        ("eval_loss", "eval_loss", num(".4f")),
+        ("best_eval_loss", "best_eval_loss", num(".4f")),
+        ("reward_acc", "reward_acc", num(".3f")),
+        ("reward_margin", "reward_margin", num(".4f")),
+        ("tokens_per_s", "tokens_per_s", num(".0f")),
+        ("state_bytes", "state_bytes", num(",d")),
+        ("state_B/param", "state_bytes_per_param", num(".3f")),
+        ("peak_MiB", "peak_bytes", lambda v: "n/a" if v is None else f"{v / MIB:.1f}"),
+        (f"steps_to_{target_loss:g}", "steps_to_target", lambda v: "n/a" if v is None else str(v)),
+    ]
+    if any(s["sparsity_bf16"] is not None for s in summaries):
+        cols += [("sparsity_bf16", "sparsity_bf16", num(".6f")), ("sparsity_exact", "sparsity_exact", num(".6f"))]
+    return cols
+
+
+def format_table(summaries: list[dict], target_loss: float, markdown: bool = False) -> str:
+    cols = columns(summaries, target_loss)
+    cells = [[fmt(s[key]) for _, key, fmt in cols] for s in summaries]
+    headers = [h for h, _, _ in cols]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+    left = {"run", "optimizer", "loss"}
+
+    def line(values):
+        return "  ".join(v.ljust(w) if h in left else v.rjust(w) for v, w, h in zip(values, widths, headers)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in cells])
+
+
+# ----------------------------------------------------------------------------
+# The plot.
+
+def default_plot_path(args_paths: list[str], runs: list[Path]) -> Path:
+    """`<sweep>/compare.png` for one sweep dir; else beside the runs when they
+    share a parent; else in the current folder."""
+    if len(args_paths) == 1 and not is_run(Path(args_paths[0])):
+        return Path(args_paths[0]) / "compare.png"
+    parents = {r.resolve().parent for r in runs}
+    return (parents.pop() if len(parents) == 1 else Path.cwd()) / "compare.png"
+
+
+def write_plot(summaries: list[dict], path: Path, target_loss: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_margin, ax_mem) = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
+    for i, s in enumerate(summaries):
+        c, color = s["_curves"], f"C{i % 10}"
+        label = f"{s['optimizer']} lr={s['lr']:g}" if isinstance(s["lr"], (int, float)) else s["optimizer"]
+        ax_loss.plot(c["eval_step"], c["eval_loss"], marker="o", ms=3, color=color, label=label)
+        ax_margin.plot(c["margin_step"], c["margin"], marker="o", ms=3, color=color)
+        ax_mem.plot(c["mem_step"], [b / MIB for b in c["state"]], color=color)
+        ax_mem.plot(c["peak_step"], [b / MIB for b in c["peak"]], color=color, ls="--", alpha=0.7)
+    low, high = ax_loss.get_ylim()
+    if math.isfinite(target_loss) and low <= target_loss <= high:  # only when the curves come near it
+        ax_loss.axhline(target_loss, color="grey", lw=0.8, ls=":")
+    ax_loss.set(title="eval loss (loss/eval)", xlabel="optimizer step")
+    ax_margin.set(title="eval reward margin (rewards_eval/margins)", xlabel="optimizer step")
+    ax_mem.set(title="memory: optimizer state (solid), peak (dashed)", xlabel="optimizer step", ylabel="MiB")
+    ax_mem.set_yscale("symlog", linthresh=1.0)  # 0 (SGD) and both scales on one axis
+    for ax in (ax_loss, ax_margin, ax_mem):
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run dirs and/or sweep dirs")
+    parser.add_argument("--target-loss", type=float, default=DEFAULT_TARGET_LOSS,
+                        help=f"eval loss for the steps-to-target column (default {DEFAULT_TARGET_LOSS})")
+    parser.add_argument("--plot", help="PNG path (default: <sweep>/compare.png)")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    out.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.paths)
+        summaries = [summarize(run, args.target_loss) for run in runs]
+        plot = None
+        if not args.no_plot:
+            plot = Path(args.plot) if args.plot else default_plot_path(args.paths, runs)
+            write_plot(summaries, plot, args.target_loss)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if args.json:
+        public = [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries]
+        print(json.dumps({"target_loss": args.target_loss, "plot": str(plot) if plot else None, "runs": public},
+                         indent=2))
+    else:
+        print(format_table(summaries, args.target_loss, markdown=args.markdown))
+        if plot:
+            print(f"\nplot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

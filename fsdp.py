@@ -1,0 +1,687 @@
+"""FSDP trainer: the basic trainer's recipe with the models sharded by PyTorch's
+FSDP2 (`torch.distributed.fsdp.fully_shard`). All FSDP-specific code lives in
+this module; `FSDPTrainer` overrides only the "distributed hooks" of
+`trainers.BasicTrainer`, so the training step reads the same for both.
+
+    torchrun --nproc_per_node=8 train.py trainer=fsdp      # one process per GPU
+    python train.py trainer=fsdp                           # the same: starts them itself
+    python train.py trainer=fsdp trainer.nproc=2           # CPU: 2 processes, gloo, fp32
+
+What is sharded: every parameter of the policy, its gradients and its
+optimizer state (1/N per rank), one `fully_shard` group per decoder block
+plus the root; the frozen reference model is sharded the same way and never
+gets gradients. Precision: master weights and optimizer state in `precision`
+(fp32 by default); on GPU the forward/backward runs in bf16 by default
+(`trainer.mixed_precision`) with fp32 gradient reduction.
+
+Optimizers: torch.optim classes run on the sharded DTensor parameters as they
+are. A block-structured registry optimizer (one that exposes `block_stats`,
+i.e. Adam-mini) runs on the local shards through `LocalShardOptimizer`, with
+its per-block statistics summed over the ranks, and the policy is sharded
+along the dimension that keeps each of its blocks on every rank. Optimizers
+that need whole matrices, and any not verified on shards, are refused at
+start-up (`fsdp_refusal`).
+
+Checkpoints: <run_dir>/checkpoints/step-<n>/ holds the consolidated Hugging
+Face export (rank 0, full state dict gathered), so trainer=basic and
+transformers load it, plus `dcp/` (model and optimizer shards written by
+every rank with torch.distributed.checkpoint) and the training state per
+rank (training_state.pt for rank 0, training_state.rank<r>.pt for the others)
+for an exact `resume=true`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+import checkpoints
+import optimizers
+from trainers import BasicTrainer
+from utils import (ConfigError, atomic_directory, atomic_write_text, optimizer_state_bytes, resolve_device,
+                   resolve_dtype, tensor_bytes)
+
+# Which optimizers train under FSDP. Elementwise ones run on the sharded
+# DTensor parameters exactly as on whole tensors; a block-structured one
+# (Adam-mini) runs on the local shards with its block statistics summed over
+# the ranks. Each is stepped on 2 ranks against trainer=basic in
+# tests/test_fsdp.py. Everything else is refused at start-up, in one line.
+FSDP_ELEMENTWISE = ("ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "SGD")
+FSDP_BLOCKWISE = ("adam_mini",)
+FUSED_ON_DTENSOR = ("Adam", "AdamW")  # the fused optimizer kernels DTensor has sharding rules for
+FSDP_REFUSALS = {
+    "Adafactor": "it keeps row and column means of each whole weight matrix, and under FSDP a rank holds only a "
+                 "slice of it",
+    "Muon": "it orthogonalizes whole weight matrices (Newton-Schulz iterations), and under FSDP a rank holds only "
+            "a slice of each",
+    "Rprop": "torch's DTensor has no sharding rule for the in-place index_put_ its step uses",
+}
+
+
+def fsdp_refusal(name: str) -> str | None:
+    """Why optimizer `name` cannot train under trainer=fsdp (None: it can)."""
+    if name in FSDP_ELEMENTWISE or name in FSDP_BLOCKWISE:
+        return None
+    supported = ", ".join(FSDP_ELEMENTWISE + FSDP_BLOCKWISE)
+    why = FSDP_REFUSALS.get(name) or (
+        "it has not been verified on sharded parameters (an optimizer that looks at whole tensors, e.g. per-tensor "
+        "norms or factored/matrix preconditioners, would silently compute something else on 1/N slices)")
+    return f"{why}; trainer=fsdp runs {supported}; use trainer=basic for {name}"
+
+
+RANK_STATE = "training_state.rank{}.pt"  # ranks >= 1; rank 0 writes checkpoints.STATE_FILE
+DCP_DIR = "dcp"
+
+
+class FSDPTrainer(BasicTrainer):
+    """The basic trainer with FSDP2-sharded policy and reference models."""
+
+    # ------------------------------------------------------ process group
+    def _setup_distributed(self) -> None:
+        cfg = self.cfg
+        device = resolve_device(cfg.device)
+        self._check_supported(device)
+        launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        nproc = requested_nproc(cfg.trainer.get("nproc"), device)
+        if not launched and nproc > 1:
+            self._check_batch_split(nproc)
+            relaunch(nproc, self.run_dir)  # never returns
+
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+            cfg.device = f"cuda:{local_rank}"  # one GPU per process, also for device=cuda
+            device = torch.device(cfg.device)
+        self._owns_process_group = not dist.is_initialized()
+        if self._owns_process_group:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if launched:  # torchrun (or our relaunch) set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+                dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            else:  # one process: FSDP over a world of 1 (for comparisons of N=1 with N>1)
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(device.type, (self.world_size,))
+        self._agree_on_run_dir()
+        if not self.is_main:
+            sys.stdout = open(os.devnull, "w")  # one "done:" line, one progress bar; errors still reach stderr
+        self._placements = {}
+        self._block_optimizer = None
+
+    def _check_supported(self, device: torch.device) -> None:
+        """Everything that can be refused before a process starts: one line each."""
+        cfg = self.cfg
+        name = cfg.optimizer.name
+        refusal = fsdp_refusal(name)
+        if refusal:
+            raise ConfigError(f"optimizer={name} cannot train under trainer=fsdp: {refusal}")
+        self.compute_dtype = compute_dtype(cfg.trainer.get("mixed_precision", "auto"), cfg.precision, device)
+        if cfg.get("cpu_offload", False) and device.type == "cuda":
+            raise ConfigError("cpu_offload=true is not supported under trainer=fsdp yet (the sharded optimizer state "
+                              "already shrinks 1/N per GPU); drop cpu_offload or use trainer=basic")
+        if OmegaConf.select(cfg, "metrics.update_sparsity", default=False):
+            raise ConfigError("metrics.update_sparsity=true is not available under trainer=fsdp yet (sparsity.py "
+                              "compares whole tensors; a rank holds shards); use trainer=basic for it")
+        if cfg.optimizer.get("fused", False) is not False and name not in FUSED_ON_DTENSOR:
+            # fused=null means "fastest": DTensor has fused kernels only for Adam and AdamW
+            if cfg.optimizer.fused:
+                raise ConfigError(f"optimizer.fused=true: torch's DTensor has no fused {name} kernel (only "
+                                  f"{' and '.join(FUSED_ON_DTENSOR)}); drop optimizer.fused under trainer=fsdp")
+            cfg.optimizer.fused = False
+
+    def _check_batch_split(self, world: int) -> None:
+        cfg = self.cfg
+        if cfg.batch_size % (cfg.gradient_accumulation_steps * world):
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps="
+                              f"{cfg.gradient_accumulation_steps} x world size {world}")
+        keys = ("n_eval_examples", "n_eval_generations") if cfg.dataset.get("verifiable") else ("n_eval_examples",)
+        for key in keys:
+            if cfg[key] % world:
+                raise ConfigError(f"{key}={cfg[key]} must be a multiple of the world size {world} under trainer=fsdp "
+                                  "(every rank must run the same number of forward passes)")
+
+    def _agree_on_run_dir(self) -> None:
+        """Under a plain `torchrun`, each rank's Hydra resolved run_dir from its own
+        clock; use rank 0's (and remove a folder Hydra alone created here)."""
+        chosen = broadcast_object(str(self.run_dir))
+        if Path(chosen) != self.run_dir:
+            if self.run_dir.is_dir() and {p.name for p in self.run_dir.iterdir()} <= {".hydra"}:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = Path(chosen)
+            self.cfg.run_dir = chosen
+
+    # ------------------------------------------------------------- models
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Shard the policy (called once, by the base setup, for the policy)."""
+        self._check_even_eval()
+        self._placements = self._block_placements(model)
+        return shard_model(model, self.mesh, placements=self._placements,
+                           reshard_after_forward=bool(self.cfg.trainer.reshard_after_forward),
+                           param_dtype=self.compute_dtype,
+                           activation_checkpointing=bool(self.cfg.trainer.activation_checkpointing))
+
+    def _unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # fully_shard keeps the model object (and its class's methods, e.g. generate)
+
+    def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The reference: an empty twin of the sharded policy, sharded the same
+        way, into which each rank copies its own shards. No rank ever holds a
+        second full copy of the model."""
+        from torch.distributed.fsdp import FSDPModule
+
+        original_cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        with torch.device("meta"):
+            twin = original_cls(copy.deepcopy(model.config)).to(next(model.parameters()).dtype)
+        twin.eval().requires_grad_(False)
+        shard_model(twin, self.mesh, placements=self._placements, reshard_after_forward=True,
+                    param_dtype=self.compute_dtype)
+        twin.to_empty(device=self.device)
+        with torch.no_grad():
+            for (name, mine), (other, theirs) in zip(twin.named_parameters(), model.named_parameters(), strict=True):
+                assert name == other, (name, other)
+                mine.to_local().copy_(theirs.to_local())
+            buffers = dict(model.named_buffers())
+            for name, buffer in twin.named_buffers():
+                buffer.copy_(buffers[name])
+        return twin
+
+    def _block_placements(self, model: torch.nn.Module) -> dict:
+        """FSDP shards dim 0 by default. A block-structured optimizer (Adam-mini)
+        keeps one statistic per block of rows (per attention head, per neuron);
+        those tensors are sharded along dim 1 instead, so that every rank holds a
+        slice of every block and a block's statistic is a plain sum over ranks."""
+        cfg = self.cfg
+        template = optimizers.build_optimizer(model, cfg.optimizer.name, OmegaConf.to_container(cfg.optimizer),
+                                              cfg.lr, self.device, cfg.decay_embeddings)
+        if not (hasattr(template, "block_stats") and hasattr(template, "layouts")):
+            return {}
+        from torch.distributed.tensor import Shard
+
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        placements = {}
+        for name, layout in template.layouts.items():
+            if layout.full or layout.view_shape is None:
+                continue  # per element or one block for the whole tensor: any sharding works
+            if layout.cell_dim == 1:
+                continue  # blocks are columns: dim-0 shards cut across every block already
+            shape = shapes[name]
+            if len(shape) != 2 or shape[1] % self.world_size:
+                raise ConfigError(
+                    f"optimizer={cfg.optimizer.name} cannot be sharded over {self.world_size} ranks: the blocks of "
+                    f"{name} {shape} are rows, so FSDP must split its columns, which needs a 2-D tensor whose "
+                    f"second dimension is a multiple of {self.world_size}")
+            placements[name] = Shard(1)
+        self._block_optimizer = (type(template), template.roles,
+                                 {n: blocks_of(lay) for n, lay in template.layouts.items()})
+        del template  # it holds the unsharded parameters
+        return placements
+
+    def _check_even_eval(self) -> None:
+        n_gen = min(self.cfg.n_eval_generations, len(self.eval_rows)) if self.cfg.dataset.get("verifiable") else 0
+        for what, n in (("evaluation examples", len(self.eval_examples)), ("eval generations", n_gen)):
+            if n % self.world_size:
+                raise ConfigError(f"{n} {what} cannot be split evenly over {self.world_size} ranks; under "
+                                  "trainer=fsdp every rank must run the same number of forward passes "
+                                  "(set n_eval_examples / n_eval_generations to a multiple of the world size)")
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        if self._block_optimizer is None:
+            return super()._build_optimizer()  # torch.optim on DTensor parameters
+        cls, roles, expected = self._block_optimizer
+        cfg = self.cfg
+        kwargs = optimizers.optimizer_kwargs(cfg.optimizer.name, OmegaConf.to_container(cfg.optimizer), cfg.lr,
+                                             self.device)
+        sharded_cls = with_summed_block_stats(cls)
+
+        def build(named_local):
+            inner = sharded_cls(named_local, roles, **kwargs)
+            inner.process_group = self.mesh.get_group()
+            got = {n: blocks_of(lay) for n, lay in inner.layouts.items()}
+            if got != expected:
+                bad = next(n for n in expected if got.get(n) != expected[n])
+                raise ConfigError(f"optimizer={cfg.optimizer.name}: the shard of {bad} does not keep its blocks "
+                                  f"({got.get(bad)} instead of {expected[bad]}); use trainer=basic")
+            return inner
+
+        try:
+            return LocalShardOptimizer(self.policy, build)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optimizer={cfg.optimizer.name} rejected its settings: {str(e).splitlines()[0]}")
+
+    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        """The basic trainer's forward, run as a forward of the sharded root:
+        the log-prob function applies the LM head itself (only at scored
+        positions), so it never calls model.forward, whose hooks would gather
+        the root's parameters (embeddings, final norm, lm_head)."""
+        return model.fsdp_forward(lambda: BasicTrainer.forward_logps(self, model, batch))
+
+    # ------------------------------------------------------ metrics, grads
+    def stop_requested(self, stop) -> bool:
+        """A signal seen by any rank stops every rank after the same step (one
+        tiny all_reduce per step): ranks that stopped at different steps would
+        wait forever in each other's collectives."""
+        flag = torch.tensor(1 if stop.requested else 0, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop.requested:
+            stop.requested = "a signal to another rank"
+        return bool(stop.requested)
+
+    def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean over ranks: one all_reduce of one stacked tensor."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        flat = torch.stack([torch.as_tensor(metrics[k]).to(self.device, torch.float64).reshape(()) for k in keys])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        reduced = dict(zip(keys, flat.unbind()))
+        return {k: reduced[k] for k in metrics}
+
+    def gradient_sync(self, last_micro_batch: bool):
+        """Non-final micro-batches accumulate unsharded gradients locally; the
+        last one reduce-scatters the sum."""
+        self.policy.set_requires_gradient_sync(last_micro_batch)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the sharded gradients (one all_reduce of the local
+        sum of squares), then the same clipping as torch.nn.utils.clip_grad_norm_."""
+        grads = [local(p.grad) for p in self.policy.parameters() if p.grad is not None]
+        if grads:
+            sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        else:
+            sq = torch.zeros((), device=self.device)
+        dist.all_reduce(sq)
+        total = sq.sqrt()
+        if self.cfg.max_grad_norm and grads:
+            coef = torch.clamp(self.cfg.max_grad_norm / (total + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        return total
+
+    def memory_metrics(self) -> dict[str, int]:
+        """Bytes of this rank's shards, summed over ranks (`memory/<x>_bytes`)
+        and for the largest rank (`memory/<x>_bytes_per_rank`)."""
+        params = list(self.policy.parameters())
+        local_state = {p: {k: local(v) for k, v in s.items()} for p, s in self.optimizer.state.items()}
+        state_total, state_by_name = optimizer_state_bytes(SimpleNamespace(state=local_state))
+        mine = {"params": tensor_bytes(local(p) for p in params),
+                "grads": tensor_bytes(local(p.grad) for p in params),
+                "optimizer_state": state_total,
+                "peak": self.memory.read()}
+        mine.update({f"optimizer_state/{k}": v for k, v in state_by_name.items()})
+        keys = sorted(mine)
+        values = torch.tensor([mine[k] for k in keys], dtype=torch.int64, device=self.device)
+        total, largest = values.clone(), values.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        total, largest = dict(zip(keys, total.tolist())), dict(zip(keys, largest.tolist()))
+        metrics = {}
+        for k in ("params", "grads", "optimizer_state"):
+            metrics[f"memory/{k}_bytes"] = total[k]
+            metrics[f"memory/{k}_bytes_per_rank"] = largest[k]
+        metrics["memory/peak_bytes"] = total["peak"]
+        metrics["memory/peak_bytes_per_rank"] = largest["peak"]
+        metrics.update({f"memory/{k}_bytes": total[k] for k in keys if k.startswith("optimizer_state/")})
+        return metrics
+
+    # --------------------------------------------------------- checkpoints
+    def save_model(self, directory: Path) -> None:
+        """The consolidated Hugging Face export: every rank takes part in the
+        gather, rank 0 (the only one holding the full tensors) writes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            self.policy.save_pretrained(directory, state_dict=full)
+            self.tokenizer.save_pretrained(directory)
+
+    def training_state(self) -> dict:
+        """This rank's share of the training state: the optimizer and the model
+        go through torch.distributed.checkpoint instead."""
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "examples": self.examples,
+            "data": self.train_stream.state(),
+            "rng": checkpoints.rng_state(),
+            "window": {k: [torch.as_tensor(t).detach().cpu() for t in v] for k, v in self.window.items()},
+            "world_size": self.world_size,
+            "sharded": DCP_DIR,
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.examples = state["step"], state["examples"]
+        self.train_stream.load_state(state["data"])
+        checkpoints.set_rng_state(state["rng"])
+        if state["world_size"] == self.world_size:
+            self.window = defaultdict(list, {k: [t.item() if k == "_seconds" else t.to(self.device) for t in v]
+                                             for k, v in state["window"].items()})
+        else:  # a partial log window cannot be split across a different number of ranks
+            self.window = defaultdict(list)
+            self.print(f"warning: the checkpoint was written by {state['world_size']} ranks and is resumed on "
+                       f"{self.world_size}: weights, optimizer state and data position are resharded, but the RNG "
+                       "streams and a partly filled log window are not restored exactly")
+
+    def save_checkpoint(self) -> Path:
+        """All ranks write into rank 0's temporary directory (sharded model and
+        optimizer with torch.distributed.checkpoint, their training state),
+        rank 0 adds the Hugging Face export; after a barrier rank 0 fsyncs and
+        renames it, then replaces LATEST and prunes, as checkpoints.py does."""
+        import torch.distributed.checkpoint as dcp
+
+        final = checkpoints.checkpoint_root(self.run_dir) / f"step-{self.step}"
+        with atomic_directory(final) if self.is_main else contextlib.nullcontext() as tmp:
+            tmp = Path(broadcast_object(str(tmp) if self.is_main else None))
+            self.save_model(tmp)
+            dcp.save(self._sharded_state(), checkpoint_id=tmp / DCP_DIR)
+            state_file = tmp / (checkpoints.STATE_FILE if self.is_main else RANK_STATE.format(self.rank))
+            torch.save(self.training_state(), state_file)
+            if self.is_main:
+                atomic_write_text(tmp / "prefopt_state.json", json.dumps(
+                    {"step": self.step, "examples": self.examples, "world_size": self.world_size}))
+            dist.barrier()  # every rank's files are in tmp before rank 0 fsyncs and renames it
+        if self.is_main:
+            checkpoints.write_latest(self.run_dir, final)
+            checkpoints.prune(self.run_dir, self.cfg.keep_last)
+        dist.barrier()
+        return final
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if not (ckpt / DCP_DIR / ".metadata").is_file():
+            raise ConfigError(f"{ckpt} has no sharded state ({DCP_DIR}/): it was written by trainer=basic. Resume it "
+                              f"with trainer=basic, or start from its weights with model.archive={ckpt}")
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=ckpt / DCP_DIR)
+        # optimizer first: torch may initialise an empty optimizer state with a zero-lr step
+        set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
+        set_model_state_dict(self.policy, state["model"])
+        mine = ckpt / RANK_STATE.format(self.rank)
+        own = mine if self.rank and mine.is_file() else ckpt / checkpoints.STATE_FILE
+        self.load_training_state(torch.load(own, map_location="cpu", weights_only=True))
+        if self.is_main:
+            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.print(f"resumed from {ckpt} at step {self.step} ({self.world_size} ranks)")
+        dist.barrier()
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.policy),
+                "optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
+
+    # ------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        super().cleanup()
+        if getattr(self, "_owns_process_group", False) and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------
+# Sharding: one function applies FSDP2 to a model.
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: the ModuleList of config.num_hidden_layers
+    modules (model.model.layers for Llama, transformer.h for GPT-2...)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and len(module) > 0:
+            return list(module)
+    return []
+
+
+def shard_model(model: torch.nn.Module, mesh, *, placements: dict | None = None, reshard_after_forward: bool = True,
+                param_dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> torch.nn.Module:
+    """`fully_shard` each decoder block, then the root (embeddings, final norm,
+    lm_head). `placements`: {parameter name: Shard(dim)} where dim 0 is not
+    wanted. `param_dtype`: compute dtype (bf16 on GPU) with gradients reduced in
+    fp32 and master weights kept in their storage dtype. Activation
+    checkpointing recomputes each block in backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if activation_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    storage = next(model.parameters()).dtype
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+          if param_dtype is not None and param_dtype != storage else MixedPrecisionPolicy())
+    by_id = {id(p): placements[n] for n, p in model.named_parameters() if n in (placements or {})}
+    options = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=(lambda p: by_id.get(id(p))) if by_id else None)
+    for block in decoder_blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **options)
+    # transformers' generate() then keeps every rank stepping until all ranks
+    # are done (synced_gpus), so ranks whose answers end early do not hang the rest.
+    model._is_fsdp_managed_module = True
+    # model.fsdp_forward(fn) runs fn() as a forward of the root module: its
+    # parameters are gathered (and, on GPU, the optimizer step is waited for)
+    # even when fn calls submodules directly instead of model.forward.
+    model.fsdp_forward = _call
+    register_fsdp_forward_method(model, "fsdp_forward")
+    return model
+
+
+def _call(fn):
+    return fn()
+
+
+def local(t):
+    """The local shard of a DTensor (the tensor itself otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def broadcast_object(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------
+# Precision and process count.
+
+def compute_dtype(mixed_precision, precision: str, device: torch.device) -> torch.dtype | None:
+    """The forward/backward dtype: `auto` is bf16 on GPU and the storage dtype
+    (`precision`) on CPU; bf16/fp16 on CPU are refused by utils.resolve_dtype."""
+    if mixed_precision in (None, "auto"):
+        mixed_precision = "bf16" if device.type == "cuda" else precision
+    try:
+        return resolve_dtype(mixed_precision, device)
+    except ConfigError as e:
+        raise ConfigError(f"trainer.mixed_precision: {e}") from None
+
+
+def requested_nproc(nproc, device: torch.device) -> int:
+    """`trainer.nproc`: null/auto = one process per visible GPU (1 on CPU)."""
+    if nproc in (None, "auto"):
+        return torch.cuda.device_count() if device.type == "cuda" else 1
+    if isinstance(nproc, str) and nproc.isdigit():
+        nproc = int(nproc)
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ConfigError(f"trainer.nproc={nproc!r} must be auto or a positive integer")
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"trainer.nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
+    return nproc
+
+
+def relaunch(nproc: int, run_dir: Path) -> None:
+    """Start `nproc` copies of this command under torch.distributed.run (what
+    `torchrun --standalone --nproc_per_node=<nproc>` does), all with this run's
+    run_dir, wait for them and exit with their status."""
+    overrides = _this_jobs_overrides()
+    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "run_dir"]
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    script = os.path.abspath(sys.argv[0])
+    if not script.endswith(".py"):
+        raise ConfigError(f"trainer.nproc={nproc} starts the processes from train.py; run "
+                          f"torchrun --nproc_per_node={nproc} train.py trainer=fsdp ... instead")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           script, *overrides, f"run_dir='{quoted}'"]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"trainer=fsdp: starting {nproc} processes (torchrun --standalone --nproc_per_node={nproc})",
+          file=sys.stderr, flush=True)
+    # Its own session: a terminal's Ctrl-C reaches only this process, which
+    # passes it on once; the launcher then sends SIGTERM to each worker once
+    # (two signals would make a worker exit without its checkpoint).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    raise SystemExit(code)
+
+
+def _this_jobs_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)  # in a sweep: this job's values only
+    except ValueError:  # not inside @hydra.main
+        return [a for a in sys.argv[1:] if not a.startswith("-")]
+
+
+# ----------------------------------------------------------------------------
+# Block-structured optimizers (Adam-mini) on local shards.
+
+def blocks_of(layout) -> str | int:
+    """What must survive sharding: per-element second moments stay per element,
+    and a blocked tensor keeps its number of blocks."""
+    return "full" if layout.full else layout.num_blocks
+
+
+def with_summed_block_stats(cls: type) -> type:
+    """`cls` with its `block_stats` hook summing the per-block statistics (sum of
+    g^2, element count) over the shard group, so a block's mean is over the
+    whole block, not over this rank's slice. One all_reduce per step for all
+    tensors; the counts never change and are reduced once."""
+
+    class Sharded(cls):
+        process_group = None
+
+        def block_stats(self, grads, layouts):
+            sums, counts = super().block_stats(grads, layouts)
+            if self.process_group is None or dist.get_world_size(self.process_group) == 1 or not layouts:
+                return sums, counts
+            # the same order on every rank, whatever order the step chose
+            if not hasattr(self, "_block_index"):
+                self._block_index = {id(lay): i for i, lay in enumerate(self.layouts.values())}
+                self._count_cache = {}
+            order = sorted(range(len(layouts)), key=lambda i: self._block_index.get(id(layouts[i]), i))
+            sizes = [sums[i].shape[0] for i in order]
+            flat = torch.cat([sums[i].reshape(-1) for i in order])
+            dist.all_reduce(flat, group=self.process_group)
+            key = tuple(id(layouts[i]) for i in order)
+            total_counts = self._count_cache.get(key)
+            if total_counts is None:
+                total_counts = torch.cat([counts[i].reshape(-1) for i in order]).clone()
+                dist.all_reduce(total_counts, group=self.process_group)
+                self._count_cache[key] = total_counts
+            out_sums, out_counts = [None] * len(layouts), [None] * len(layouts)
+            for i, s, c in zip(order, flat.split(sizes), total_counts.split(sizes)):
+                out_sums[i], out_counts[i] = s.view(-1, 1), c.view(-1, 1)
+            return out_sums, out_counts
+
+    Sharded.__name__ = Sharded.__qualname__ = f"Sharded{cls.__name__}"
+    return Sharded
+
+
+class LocalShardOptimizer(torch.optim.Optimizer):
+    """Runs an optimizer written for plain tensors on this rank's shards.
+
+    The inner optimizer is built (by `build([(name, local shard)])`) over
+    leaf tensors that share storage with the local shards of the model's
+    DTensor parameters; before each step their .grad is set to the local
+    gradient shards. This outer optimizer holds the DTensor parameters in the
+    same groups, so LR schedules, zero_grad and torch.distributed.checkpoint
+    see an ordinary optimizer: its state holds the inner state as DTensors
+    (tensors shaped like the shard) or as they are (per-block statistics and
+    step counters, identical on every rank), sharing storage, never copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, build):
+        self._pairs = [(p, local(p).detach().requires_grad_(True))
+                       for p in model.parameters() if p.requires_grad]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.inner = build([(names[id(p)], q) for p, q in self._pairs])
+        outer_of = {id(q): p for p, q in self._pairs}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [outer_of[id(q)] for q in g["params"]]}
+                  for g in self.inner.param_groups]
+        super().__init__(groups, dict(self.inner.defaults))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update({k: v for k, v in outer.items() if k != "params"})  # lr from the scheduler, ...
+        for p, q in self._pairs:
+            shard = local(p)
+            if q.data_ptr() != shard.data_ptr() or q.shape != shard.shape:
+                q.data = shard  # FSDP re-created the shard's storage (e.g. at lazy init)
+            q.grad = None if p.grad is None else local(p.grad)
+        try:
+            self.inner.step()
+        finally:
+            for _, q in self._pairs:
+                q.grad = None
+        self._link()
+        return loss
+
+    def _link(self) -> None:
+        """Expose the inner state, keyed by the DTensor parameters."""
+        from torch.distributed.tensor import DTensor
+
+        for p, q in self._pairs:
+            inner = self.inner.state.get(q)
+            if not inner:
+                continue
+            outer = self.state[p]
+            for k, v in inner.items():
+                current = outer.get(k)
+                if current is v or (isinstance(current, DTensor) and current.to_local() is v):
+                    continue
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape == q.shape and isinstance(p, DTensor):
+                    v = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                           shape=p.shape, stride=p.stride())
+                outer[k] = v
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        index = {id(q): i for i, q in enumerate(q for g in self.inner.param_groups for q in g["params"])}
+        inner_state = {index[id(q)]: {k: local(v) for k, v in self.state[p].items()}
+                       for p, q in self._pairs if self.state.get(p)}
+        groups = [{**{k: v for k, v in outer.items() if k != "params"}, "params": [index[id(q)] for q in inner["params"]]}
+                  for outer, inner in zip(self.param_groups, self.inner.param_groups)]
+        self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
+        self._link()
