@@ -97,6 +97,13 @@ def read_metrics(run: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # e.g. a line cut short by a killed run
             print(f"warning: {run / 'metrics.jsonl'}:{n} is not JSON; skipped", file=sys.stderr)
+    # A second run started in the same run dir (without resume=true) appends
+    # from step 0 again: keep only the newest one.
+    restarts = [i for i in range(1, len(rows)) if rows[i].get("step", 0) < rows[i - 1].get("step", 0)]
+    if restarts:
+        print(f"warning: {run / 'metrics.jsonl'} holds {len(restarts) + 1} runs (the step goes back); "
+              "using the last one", file=sys.stderr)
+        rows = rows[restarts[-1]:]
     return rows
 
 
@@ -232,31 +239,46 @@ def default_plot_path(args_paths: list[str], runs: list[Path]) -> Path:
     return (parents.pop() if len(parents) == 1 else Path.cwd()) / "compare.png"
 
 
+def _spread_out(peaks: list[float]) -> bool:
+    """One curve far above the rest (e.g. a run whose margin explodes)."""
+    peaks = sorted(abs(p) for p in peaks if p is not None)
+    return len(peaks) > 2 and peaks[-1] > 10 * max(peaks[len(peaks) // 2], 1e-12)
+
+
 def write_plot(summaries: list[dict], path: Path, target_loss: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_margin, ax_mem) = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
+    n = len(summaries)
+    colors = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+    markers = "os^Dv*"
+    rows_of_legend = math.ceil(n / 4)
+    fig, (ax_loss, ax_margin, ax_mem) = plt.subplots(1, 3, figsize=(16, 4.6 + 0.22 * rows_of_legend), sharex=True)
     for i, s in enumerate(summaries):
-        c, color = s["_curves"], f"C{i % 10}"
-        label = f"{s['optimizer']} lr={s['lr']:g}" if isinstance(s["lr"], (int, float)) else s["optimizer"]
-        ax_loss.plot(c["eval_step"], c["eval_loss"], marker="o", ms=3, color=color, label=label)
-        ax_margin.plot(c["margin_step"], c["margin"], marker="o", ms=3, color=color)
+        c, color, marker = s["_curves"], colors[i % len(colors)], markers[(i // len(colors)) % len(markers)]
+        label = f"{s['run']}: {s['optimizer']}"
+        ax_loss.plot(c["eval_step"], c["eval_loss"], marker=marker, ms=3, color=color, label=label)
+        ax_margin.plot(c["margin_step"], c["margin"], marker=marker, ms=3, color=color)
         ax_mem.plot(c["mem_step"], [b / MIB for b in c["state"]], color=color)
         ax_mem.plot(c["peak_step"], [b / MIB for b in c["peak"]], color=color, ls="--", alpha=0.7)
     low, high = ax_loss.get_ylim()
     if math.isfinite(target_loss) and low <= target_loss <= high:  # only when the curves come near it
         ax_loss.axhline(target_loss, color="grey", lw=0.8, ls=":")
     ax_loss.set(title="eval loss (loss/eval)", xlabel="optimizer step")
-    ax_margin.set(title="eval reward margin (rewards_eval/margins)", xlabel="optimizer step")
-    ax_mem.set(title="memory: optimizer state (solid), peak (dashed)", xlabel="optimizer step", ylabel="MiB")
+    margin_title = "eval reward margin (rewards_eval/margins)"
+    if _spread_out([max(s["_curves"]["margin"], key=abs, default=None) for s in summaries]):
+        ax_margin.set_yscale("symlog", linthresh=1.0)   # keep the ordinary runs readable next to an outlier
+        margin_title += ", symlog"
+    ax_margin.set(title=margin_title, xlabel="optimizer step")
+    ax_mem.set(title="memory: optimizer state (solid), peak (dashed)", xlabel="optimizer step", ylabel="MiB, symlog")
     ax_mem.set_yscale("symlog", linthresh=1.0)  # 0 (SGD) and both scales on one axis
+    ax_mem.set_ylim(bottom=0)
     for ax in (ax_loss, ax_margin, ax_mem):
         ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax_loss.get_legend_handles_labels(), loc="lower center", ncol=min(n, 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.17 * rows_of_legend + 0.1) / fig.get_figheight(), 1, 1))  # room for the legend
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -84,13 +84,21 @@ class BadRows:
     default), or, with data.skip_bad_rows=true, count it and go on."""
 
     def __init__(self, skip: bool = False):
-        self.skip, self.count, self.first = skip, 0, None
+        self.skip, self.seen = skip, []
 
     def __call__(self, error: ConfigError) -> None:
         if not self.skip:
             raise error
-        self.count += 1
-        self.first = self.first or str(error)
+        if str(error) not in self.seen:   # a file read for both splits reports a row once
+            self.seen.append(str(error))
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    @property
+    def first(self) -> str | None:
+        return self.seen[0] if self.seen else None
 
 
 def read_json_rows(path: str | Path, bad_rows: BadRows | None = None) -> list[tuple[int, dict]]:

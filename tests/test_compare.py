@@ -204,6 +204,24 @@ def test_refuses_what_is_not_a_run(tmp_path, what):
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_a_run_restarted_in_the_same_dir_counts_once(tmp_path, capsys):
+    """Without resume=true a second run in the same run dir appends from step 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("lr: 0.1\nprecision: fp32\nloss: {name: dpo}\noptimizer: {name: SGD, momentum: 0.9}\n")
+    old = [{"step": 0, "loss/eval": 0.69}, {"step": 5, "loss/eval": 0.1}]
+    new = [{"step": 0, "loss/eval": 0.69}, {"step": 2, "tokens_per_s": 10.0, "memory/params_bytes": 400,
+            "memory/optimizer_state_bytes": 400, "memory/peak_bytes": 2 ** 20}, {"step": 2, "loss/eval": 0.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old + new))
+    assert compare.main([str(run), "--json", "--no-plot"]) == 0
+    captured = capsys.readouterr()
+    (row,) = json.loads(captured.out)["runs"]
+    assert "holds 2 runs" in captured.err
+    assert row["best_eval_loss"] == 0.4 and row["steps"] == 2 and row["steps_to_target"] == 2
+    assert row["optimizer"] == "SGD(momentum=0.9)" and row["params"] == 100 and row["state_bytes_per_param"] == 4.0
+    assert row["reward_acc"] is None and row["sparsity_bf16"] is None
+
+
 # ------------------------------------------------------------------ update sparsity
 
 def counted_sparsity(before, after):
