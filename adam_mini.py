@@ -281,10 +281,10 @@ class AdamMini(torch.optim.Optimizer):
     # On CPU, update big tensors one at a time right after reading their
     # gradient (see _step_streamed); False: the batched path everywhere, as on GPUs.
     stream_on_cpu = True
-    # Per-tensor (or per-block) fused kernel calls cost a few microseconds each;
-    # blocks smaller than this (norm gains, biases, small heads) are cheaper
-    # on the batched _foreach path.
-    min_fused_numel = 16384
+    # Per-tensor (or per-block) fused kernel calls cost a few microseconds each
+    # (on CPU a thread fork/join each); blocks smaller than this (norm gains,
+    # biases, heads of small models) are cheaper on the batched _foreach path.
+    min_fused_numel = 65536
 
     def __init__(self, named_params, roles=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, partition="paper", decay_embeddings=True):

@@ -26,7 +26,7 @@ import transformers
 from adam_mini import build_adam_mini, official_adam_mini, optimizer_state_bytes
 
 MODEL_SIZES = {
-    # ~1.3M parameters, for a quick look
+    # ~1.05M parameters, for a quick look
     "small": dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=4),
     # ~29.5M parameters. The vocabulary is kept small so that embedding + lm_head
