@@ -94,12 +94,16 @@ def read_metrics(run: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # e.g. a line cut short by a killed run
-            print(f"warning: {run / 'metrics.jsonl'}:{n} is not JSON; skipped", file=sys.stderr)
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            print(f"warning: {run / 'metrics.jsonl'}:{n} is not a metrics row; skipped", file=sys.stderr)
     # A second run started in the same run dir (without resume=true) appends
     # from step 0 again: keep only the newest one.
-    restarts = [i for i in range(1, len(rows)) if rows[i].get("step", 0) < rows[i - 1].get("step", 0)]
+    restarts = [i for i in range(1, len(rows)) if rows[i]["step"] < rows[i - 1]["step"]]
     if restarts:
         print(f"warning: {run / 'metrics.jsonl'} holds {len(restarts) + 1} runs (the step goes back); "
               "using the last one", file=sys.stderr)
@@ -126,7 +130,8 @@ def optimizer_label(opt: dict) -> str:
     label = str(opt.get("name"))
     extras = []
     if opt.get("momentum"):
-        extras.append(f"momentum={opt['momentum']:g}")
+        m = opt["momentum"]
+        extras.append(f"momentum={m:g}" if isinstance(m, (int, float)) else f"momentum={m}")
     if opt.get("nesterov"):
         extras.append("nesterov")
     return f"{label}({', '.join(extras)})" if extras else label
