@@ -47,14 +47,14 @@ each big tensor goes through memory (AdamW: read p, g, m, v; write p, m, v).
     over g for the block mean, then torch's fused SGD kernel, which with
     momentum = dampening = beta1 computes m = beta1*m + (1-beta1)*g and
     p -= s*m in one pass, s being the block's step size;
-  * several blocks (per-head Q/K, per-neuron rows, fused QKV): a row/column
-    norm pass over g, a lerp pass for m and a broadcast addcmul pass for p.
-On CPU big tensors are streamed one by one (statistics, then update, while g
-and m are still in cache); on GPUs the block scalars of all tensors are
-computed together on the device (no host sync, few kernel launches) and the
-updates batched with torch._foreach_* ops. Decoupled weight decay costs one
-extra pass over the decayed non-full tensors (no fused torch kernel computes
-"p = d*p - s*m").
+  * per-head Q/K blocks: a row-norm pass over g, then one fused SGD call per
+    head (CPU) or a lerp pass for m and a broadcast addcmul pass for p batched
+    with torch._foreach_* ops (GPU, and any block layout on any device).
+On CPU the tensors are streamed one by one (statistics, then update, while g
+is still in cache) with the block scalars as Python floats; on GPUs the block
+scalars of all tensors are computed together on the device (no host sync, few
+kernel launches). Decoupled weight decay costs one extra pass over the decayed
+non-full tensors (no fused torch kernel computes "p = d*p - s*m").
 """
 
 import math
@@ -223,16 +223,6 @@ def _block_sums(g, lay):
     return cells.view(lay.num_blocks, 1)
 
 
-def _cell_scale(s, lay, p):
-    """The (num_blocks,) step sizes s shaped to broadcast over p viewed as
-    lay.view_shape: one per row or column, gathered when blocks span several."""
-    if lay.view_shape is None:
-        return s.view(()) if p.dim() == 0 else s  # one block: a (1,) tensor broadcasts anywhere
-    if lay.cell_to_block is not None:
-        s = s[lay.cell_to_block.to(s.device)]
-    return s.view(-1, 1) if lay.cell_dim == 0 else s.view(1, -1)
-
-
 _HAS_FUSED_SGD = hasattr(torch, "_fused_sgd_")
 
 
@@ -267,7 +257,7 @@ def optimizer_state_bytes(optimizer):
 class _ParamInfo:
     layout: BlockLayout
     decay: bool      # gets decoupled weight decay
-    path: str        # "full", "fused" or "generic": how it is updated, see AdamMini._step_blocked
+    path: str        # "full", "fused", "rows" or "generic": how it is updated, see AdamMini._step_group
 
 
 class AdamMini(torch.optim.Optimizer):
@@ -291,8 +281,9 @@ class AdamMini(torch.optim.Optimizer):
     # On CPU, update big tensors one at a time right after reading their
     # gradient (see _step_streamed); False: the batched path everywhere, as on GPUs.
     stream_on_cpu = True
-    # Tensors with fewer elements (norm gains, biases) take the batched
-    # _foreach path: per-tensor kernel calls cost a few microseconds each.
+    # Per-tensor (or per-block) fused kernel calls cost a few microseconds each
+    # (on CPU a thread fork/join each); blocks smaller than this (norm gains,
+    # biases, heads of small models) are cheaper on the batched _foreach path.
     min_fused_numel = 65536
 
     def __init__(self, named_params, roles=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -326,12 +317,17 @@ class AdamMini(torch.optim.Optimizer):
     def _add_info(self, p, role):
         layout = block_layout(p, role, self.partition)
         fusable = _HAS_FUSED_SGD and p.device.type in ("cpu", "cuda") and p.is_contiguous()
+        block_numel = p.numel() // max(layout.num_blocks, 1)
         if layout.full:
             path = "full"      # torch's AdamW kernels
-        elif layout.num_blocks == 1 and fusable and p.numel() >= self.min_fused_numel:
+        elif not fusable or block_numel < self.min_fused_numel:
+            path = "generic"   # batched lerp + broadcast addcmul
+        elif layout.num_blocks == 1:
             path = "fused"     # one block: torch's fused SGD kernel does m and p in one pass
+        elif layout.view_shape is not None and layout.cell_dim == 0 and layout.cell_to_block is None:
+            path = "rows"      # contiguous row blocks (per-head Q/K): one fused call per block on CPU
         else:
-            path = "generic"   # lerp + broadcast addcmul
+            path = "generic"
         info = self._info[p] = _ParamInfo(layout, not no_decay(role, self.decay_embeddings), path)
         return info
 
@@ -375,18 +371,22 @@ class AdamMini(torch.optim.Optimizer):
         state["exp_avg_sq"] = (torch.zeros_like(p, memory_format=torch.preserve_format) if info.layout.full
                                else p.new_zeros(info.layout.num_blocks, 1, dtype=_block_dtype(p.dtype)))
 
-    def _views_of(self, p, m, layout):
-        """p and exp_avg viewed as layout.view_shape, where blocks are rows or
-        columns. Cached, since the storages do not change between steps;
-        checked by data pointer so that p.data = ... or load_state_dict()
-        rebuild them."""
-        if layout.view_shape is None:
-            return p, m
-        cached = self._views.get(id(p))
+    def _views_of(self, p, m, layout, rows):
+        """Views of p and exp_avg in which the blocks are rows/columns (generic
+        path), or tuples of per-block row views (rows=True). Cached, since the
+        storages do not change between steps; checked by data pointer so that
+        p.data = ... or load_state_dict() rebuild them."""
+        key = (id(p), rows)
+        cached = self._views.get(key)
         if cached is not None and cached[0] == p.data_ptr() and cached[1] == m.data_ptr():
             return cached[2], cached[3]
-        pv, mv = p.view(layout.view_shape), m.view(layout.view_shape)
-        self._views[id(p)] = (p.data_ptr(), m.data_ptr(), pv, mv)
+        if layout.view_shape is None:
+            pv, mv = p, m
+        else:
+            pv, mv = p.view(layout.view_shape), m.view(layout.view_shape)
+        if rows:
+            pv, mv = pv.unbind(0), mv.unbind(0)
+        self._views[key] = (p.data_ptr(), m.data_ptr(), pv, mv)
         return pv, mv
 
     def load_state_dict(self, state_dict):
@@ -455,7 +455,8 @@ class AdamMini(torch.optim.Optimizer):
         stream = self.stream_on_cpu and type(self).block_stats is AdamMini.block_stats
         for device, items in blocked.items():
             if device.type == "cpu" and stream:
-                streamed = [(p, info) for p, info in items if p.numel() >= self.min_fused_numel]
+                streamed = [(p, info) for p, info in items if info.path in ("fused", "rows")
+                            and p.grad.dtype == p.dtype and p.grad.is_contiguous()]
                 if streamed:
                     self._step_streamed(streamed, lr, beta1, beta2, eps, wd)
                     done = {id(p) for p, _ in streamed}
@@ -464,33 +465,33 @@ class AdamMini(torch.optim.Optimizer):
                 self._step_blocked(items, lr, beta1, beta2, eps, wd)
 
     def _step_streamed(self, items, lr, beta1, beta2, eps, wd):
-        """CPU, big tensors: per tensor, read g for its block means and update m
-        and p right away, while g (and then m) are still in cache; this saves
-        most of a second trip to memory. On CPU reading a tensor's value costs
-        no device sync, so a single block's scalars are plain Python floats. On
-        GPUs the batched path (_step_blocked) is used instead, to keep the
-        number of kernel launches small."""
+        """CPU, big tensors made of one block or of contiguous row blocks. Per
+        tensor, read g for its block means and update m and p right away, while
+        g is still in cache (this saves most of a second trip to memory for g).
+        On CPU reading a tensor's value costs no device sync, so the block
+        scalars are plain Python floats. On GPUs the batched path
+        (_step_blocked) is used instead, to keep the number of kernel launches small."""
         steps = [self.state[p]["step"] for p, _ in items]
         torch._foreach_add_(steps, 1.0)
         for (p, info), t in zip(items, torch.stack(steps).tolist()):
             state, g, lay = self.state[p], p.grad, info.layout
-            m, v = state["exp_avg"], state["exp_avg_sq"]
             step_size, bc2_sqrt = lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t)
             sq = _block_sums(g, lay)  # what block_stats computes, one tensor at a time
             if wd != 0.0 and info.decay:
                 p.mul_(1.0 - lr * wd)  # decoupled decay, as AdamW
-            if info.path == "fused" and g.dtype == p.dtype and g.is_contiguous():
-                # v = beta2*v + (1-beta2)*mean(g^2); s = (lr/bc1) / (sqrt(v)/sqrt(bc2) + eps)
-                vb = beta2 * v.item() + (1.0 - beta2) * sq.item() / p.numel()
-                v.fill_(vb)
-                _fused_ema_step(p, g, m, step_size / (math.sqrt(vb) / bc2_sqrt + eps), beta1)
+            if info.path == "fused":
+                v = beta2 * state["exp_avg_sq"].item() + (1.0 - beta2) * sq.item() / p.numel()
+                state["exp_avg_sq"].fill_(v)
+                # s = (lr / bc1) / (sqrt(v) / sqrt(bc2) + eps)
+                _fused_ema_step(p, g, state["exp_avg"], step_size / (math.sqrt(v) / bc2_sqrt + eps), beta1)
                 continue
-            # several blocks: the same with tiny (num_blocks, 1) tensors
-            v.mul_(beta2).add_(sq.div_(lay.counts), alpha=1.0 - beta2)
-            s = v.sqrt().div_(bc2_sqrt).add_(eps).reciprocal_().mul_(step_size).view(-1)
-            m.lerp_(g, 1.0 - beta1)
-            pv, mv = self._views_of(p, m, lay)
-            pv.addcmul_(mv, _cell_scale(s, lay, p), value=-1.0)
+            n = p.numel() // lay.num_blocks  # one fused call per row block
+            v = [beta2 * vo + (1.0 - beta2) * s / n
+                 for vo, s in zip(state["exp_avg_sq"].view(-1).tolist(), sq.view(-1).tolist())]
+            state["exp_avg_sq"].copy_(torch.tensor(v, dtype=torch.float64).view(-1, 1))
+            p_rows, m_rows = self._views_of(p, state["exp_avg"], lay, rows=True)
+            for pr, gr, mr, vb in zip(p_rows, g.view(lay.view_shape).unbind(0), m_rows, v):
+                _fused_ema_step(pr, gr, mr, step_size / (math.sqrt(vb) / bc2_sqrt + eps), beta1)
 
     def _step_blocked(self, items, lr, beta1, beta2, eps, wd):
         """Adam-mini update of the blocked tensors of one device, batched.
@@ -553,8 +554,15 @@ class AdamMini(torch.optim.Optimizer):
             if path == "fused":
                 _fused_ema_step(p, g, m, s, beta1)
                 continue
-            pv, mv = self._views_of(p, m, lay)
-            s = _cell_scale(s, lay, p)
+            if lay.view_shape is None:
+                pv, mv = p, m
+                if p.dim() == 0:
+                    s = s.view(())
+            else:
+                pv, mv = self._views_of(p, m, lay, rows=False)
+                if lay.cell_to_block is not None:
+                    s = s[lay.cell_to_block.to(s.device)]  # (cells,)
+                s = s.view(-1, 1) if lay.cell_dim == 0 else s.view(1, -1)  # scale rows / columns
             gen_p.append(pv)
             gen_mv.append(mv)
             gen_m.append(m)

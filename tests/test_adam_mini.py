@@ -126,9 +126,9 @@ class ReferenceAdamMini:
             p.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
-# the update paths: default (tiny test tensors all take the batched _foreach path),
-# batched only (as on GPU), and, forced on tiny tensors, per-tensor streaming with
-# the fused kernel (CPU) and the fused kernel batched (as on GPU)
+# the update paths: default (tiny test tensors all go the batched _foreach way), batched
+# only (as on GPU), and the fused-kernel paths forced on tiny tensors (streamed on CPU,
+# and batched as on GPU)
 PATHS = {"default": {}, "batched": {"stream_on_cpu": False}, "fused": {"min_fused_numel": 0},
          "fused-batched": {"min_fused_numel": 0, "stream_on_cpu": False}}
 
