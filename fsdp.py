@@ -354,26 +354,12 @@ class FSDPTrainer(BasicTrainer):
     def training_state(self) -> dict:
         """This rank's share of the training state: the optimizer and the model
         go through torch.distributed.checkpoint instead."""
-        return {
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "examples": self.examples,
-            "data": self.train_stream.state(),
-            "rng": checkpoints.rng_state(),
-            "window": {k: [torch.as_tensor(t).detach().cpu() for t in v] for k, v in self.window.items()},
-            "world_size": self.world_size,
-            "sharded": DCP_DIR,
-        }
+        return {**self.progress_state(), "world_size": self.world_size, "sharded": DCP_DIR}
 
     def load_training_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.examples = state["step"], state["examples"]
-        self.train_stream.load_state(state["data"])
-        checkpoints.set_rng_state(state["rng"])
-        if state["world_size"] == self.world_size:
-            self.window = defaultdict(list, {k: [t.item() if k == "_seconds" else t.to(self.device) for t in v]
-                                             for k, v in state["window"].items()})
-        else:  # a partial log window cannot be split across a different number of ranks
+        self.load_progress_state(state)
+        if state["world_size"] != self.world_size:
+            # a partly filled log window cannot be split across another number of ranks
             self.window = defaultdict(list)
             self.print(f"warning: the checkpoint was written by {state['world_size']} ranks and is resumed on "
                        f"{self.world_size}: weights, optimizer state and data position are resharded, but the RNG "

@@ -228,11 +228,6 @@ PO_REFUSALS = {
     "Magma": "it wraps another optimizer object (pass an optimizer, not parameters)",
     "DeMo": "it needs the packages 'einops' and a process group (decoupled momentum for distributed training)",
 }
-def _build_po(cls: type) -> Callable:
-    def build(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> torch.optim.Optimizer:
-        return cls(parameter_groups(model, kwargs.get("weight_decay"), decay_embeddings), **kwargs)
-
-    return build
 
 
 @functools.cache
@@ -248,7 +243,7 @@ def _pytorch_optimizer_entries() -> dict[str, OptimizerEntry]:
         if not cls.__module__.startswith("pytorch_optimizer"):
             continue   # a re-export of torch's own class (adamw, sgd, ...): already listed
         name = cls.__name__ if cls.__name__ not in taken else f"po_{cls.__name__}"
-        entries[name] = OptimizerEntry(name, cls, _build_po(cls), PO_REFUSALS.get(cls.__name__))
+        entries[name] = OptimizerEntry(name, cls, _build_with_groups(cls), PO_REFUSALS.get(cls.__name__))
     return entries
 
 

@@ -400,8 +400,16 @@ class BasicTrainer:
     # ------------------------------------------------------------ checkpoints
     def training_state(self) -> dict:
         """Everything besides the weights that an exact resume needs."""
+        return {"optimizer": self.optimizer.state_dict(), **self.progress_state()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_progress_state(state)
+
+    def progress_state(self) -> dict:
+        """Where the run is: schedule, counters, data position, RNG and the
+        partly filled log window (shared by every trainer's checkpoints)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "examples": self.examples,
@@ -410,8 +418,7 @@ class BasicTrainer:
             "window": {k: [torch.as_tensor(t).detach().cpu() for t in v] for k, v in self.window.items()},
         }
 
-    def load_training_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_progress_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples = state["step"], state["examples"]
         self.train_stream.load_state(state["data"])
