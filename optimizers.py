@@ -91,7 +91,8 @@ def _torch_entries() -> dict[str, OptimizerEntry]:
 def _build_adam_mini(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> torch.optim.Optimizer:
     from adam_mini import build_adam_mini
 
-    return build_adam_mini(model, **kwargs)
+    # decay_embeddings is a run-level key (as lr): the same setting for every optimizer
+    return build_adam_mini(model, decay_embeddings=decay_embeddings, **kwargs)
 
 
 class OptimizerPair(torch.optim.Optimizer):
@@ -305,12 +306,13 @@ _SKIP = object()
 
 
 def signature_defaults(target: Callable) -> dict:
-    """Constructor keywords and their defaults, as plain config values. `params`
-    and `lr` are left out: parameters come from the model, lr is the top-level
-    `lr` key so that `lr=...` on the command line always wins."""
+    """Constructor keywords and their defaults, as plain config values. `params`,
+    `lr` and `decay_embeddings` are left out: parameters come from the model,
+    lr and decay_embeddings are top-level run keys so that `lr=...` on the
+    command line always wins and every optimizer treats embeddings alike."""
     node = {}
     for key, p in inspect.signature(target).parameters.items():
-        if key in ("self", "params", "model", "named_params", "lr") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if key in ("self", "params", "model", "named_params", "lr", "decay_embeddings") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         value = _config_value(None if p.default is inspect.Parameter.empty else p.default)
         if value is not _SKIP:

@@ -97,6 +97,26 @@ def test_muon_pairs_hidden_matrices_with_adamw(tiny):
     assert len(opt2.state) == len(opt.state)
 
 
+@pytest.mark.parametrize("name", ["AdamW", "adam_mini"])
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_run_level_decay_embeddings_reaches_every_optimizer(tiny, name, decay_embeddings):
+    """With zero gradients the only change a step makes is decoupled weight
+    decay, p *= 1 - lr*wd; the embedding follows the run's decay_embeddings
+    for adam_mini exactly as for AdamW, and matrices always decay."""
+    model, _, init = tiny
+    model.load_state_dict(init)
+    node = dict(optimizers.signature_defaults(optimizers.get_entry(name).target), weight_decay=0.5)
+    assert "decay_embeddings" not in node   # a run key, like lr
+    opt = optimizers.build_optimizer(model, name, node, 0.1, torch.device("cpu"), decay_embeddings=decay_embeddings)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    embed, matrix = model.model.embed_tokens.weight, model.model.layers[0].mlp.up_proj.weight
+    embed_before, matrix_before = embed.detach().clone(), matrix.detach().clone()
+    opt.step()
+    torch.testing.assert_close(matrix.detach(), matrix_before * 0.95)
+    torch.testing.assert_close(embed.detach(), embed_before * 0.95 if decay_embeddings else embed_before)
+
+
 def test_bitsandbytes_8bit_state_bytes(tiny):
     """AdamW8bit: tensors with >= 4096 elements keep two uint8 buffers (1 byte
     each) plus one fp32 absmax per 256 values each; smaller tensors keep fp32
