@@ -23,7 +23,9 @@ What is measured:
              n tokens: 6*P*n + 6*L*d*n^2 for the policy (forward+backward; P =
              weights of all matmuls incl. the LM head, L layers, d = heads x
              head_dim, causal attention), plus 2*P*n + 2*L*d*n^2 for a
-             reference forward when it runs in the step.
+             reference forward when it runs in the step. These are the FLOPs
+             actually run: with share_prompt (the default) a pair is one row
+             and its prompt is counted once (bench.row_work).
   memory     peak memory (GPU: max allocated; CPU: the process's peak RSS),
              exact parameter and optimizer-state bytes.
   noise      other processes' CPU use during the measurement (from
@@ -160,10 +162,23 @@ def model_dims(model: torch.nn.Module) -> dict:
             "layers": cfg.num_hidden_layers, "attn_dim": cfg.num_attention_heads * head_dim}
 
 
-def sequence_flops(dims: dict, lengths: list[int], reference: bool) -> float:
+def row_work(prompt: int, responses: list[int], shared: bool) -> list[tuple[int, float]]:
+    """(tokens, attention pairs) that the model actually processes for one
+    pair: two rows of prompt + response, or with share_prompt one row whose
+    second response attends to the prompt and itself only (the prompt is
+    processed once). Causal attention over n tokens ~ n^2/2 (query, key) pairs."""
+    if not shared:
+        return [(prompt + r, (prompt + r) ** 2 / 2) for r in responses]
+    first, second = responses
+    return [(prompt + first + second, (prompt + first) ** 2 / 2 + second * prompt + second ** 2 / 2)]
+
+
+def sequence_flops(dims: dict, work: list[tuple[int, float]], reference: bool) -> float:
+    """Model FLOPs of the rows processed: 2*P FLOPs per token and 4*d per
+    attention pair per layer in a forward pass, x3 with the backward."""
     p, layers, d = dims["matmul_params"], dims["layers"], dims["attn_dim"]
     passes = 6 + (2 if reference else 0)  # forward+backward of the policy (+ a reference forward)
-    return float(sum(passes * p * n + passes * layers * d * n * n for n in lengths))
+    return float(sum(passes * p * n + 2 * passes * layers * d * pairs for n, pairs in work))
 
 
 # ----------------------------------------------------------------------------
@@ -181,7 +196,8 @@ def timed_trainer_class():
 
         def reset_timers(self) -> None:
             self.timers = defaultdict(float)
-            self.lengths = []
+            self.lengths = []   # tokens of each chosen/rejected sequence (tokens/s)
+            self.work = []      # (tokens, attention pairs) of each row run (FLOPs)
 
         def _timed(self, name, fn, *args, **kwargs):
             sync(self.device)
@@ -194,7 +210,10 @@ def timed_trainer_class():
         def micro_batches(self, examples):
             out = self._timed("data", super().micro_batches, examples)
             for batch in out:
-                self.lengths += batch["attention_mask"].sum(-1).tolist()
+                self.lengths += batch["lengths"].tolist()
+            for ex in examples:
+                responses = [len(ex.chosen)] + ([len(ex.rejected)] if self.loss.is_preference else [])
+                self.work += row_work(len(ex.prompt), responses, self.share_prompt)
             return out
 
         def batch_metrics(self, batch, split):
@@ -267,7 +286,7 @@ def run_ours(overrides: list[str], steps: int, warmup: int, peak_gflops: float, 
         policy = trainer._unwrapped(trainer.policy)
         dims = model_dims(policy)
         in_step_reference = trainer.reference is not None
-        flops = sequence_flops(dims, trainer.lengths, in_step_reference)
+        flops = sequence_flops(dims, trainer.work, in_step_reference)
         split = {k: trainer.timers[k] / steps for k in ("data", "forward", "reference", "optimizer")}
         split["forward"] -= split["reference"]  # batch_metrics includes the reference forward
         split["backward"] = sum(step_times) / steps - sum(split.values())
@@ -280,7 +299,8 @@ def run_ours(overrides: list[str], steps: int, warmup: int, peak_gflops: float, 
         "batch_pairs": cfg.batch_size, "mean_seq_tokens": round(statistics.mean(trainer.lengths), 1),
         "device": str(trainer.device), "precision": cfg.precision, "threads": torch.get_num_threads(),
         "precompute_reference": bool(cfg.loss.get("precompute_reference", False)),
-        "compile": bool(cfg.get("compile", False)),
+        "compile": bool(cfg.get("compile", False)), "share_prompt": trainer.share_prompt,
+        "keep_cpu_memory": bool(cfg.get("keep_cpu_memory", False)) and trainer.device.type == "cpu",
         "params": dims["params"], "steps": steps, "warmup": warmup, "setup_s": round(setup_s, 2),
         "tokens_per_s": sum(trainer.lengths) / wall,
         "step_s_median": statistics.median(step_times),
@@ -298,12 +318,14 @@ def run_ours(overrides: list[str], steps: int, warmup: int, peak_gflops: float, 
 # TRL's DPOTrainer on the same model, data, batch and settings.
 
 def run_trl(overrides: list[str], steps: int, warmup: int, peak_gflops: float, precompute: bool,
-            compile: bool = False) -> dict:
+            compile: bool = False, keep_memory: bool = False) -> dict:
     """TRL's DPOTrainer, configured as fairly as we know: fp32 (its DPOConfig
     turns bf16 on by default), no gradient checkpointing (on by default), an
     explicit frozen reference model (a copy of the same initial weights), the
     same rows, batch, lr, beta, clipping, fused AdamW, no logging/eval/saving
-    in the loop, no dataloader workers (2 cores)."""
+    in the loop, no dataloader workers (2 cores). keep_memory: give TRL's
+    process the malloc setting our trainer uses on CPU (keep_cpu_memory), to
+    separate what the allocator buys from what the training step does."""
     import datasets
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -313,6 +335,9 @@ def run_trl(overrides: list[str], steps: int, warmup: int, peak_gflops: float, p
     from utils import set_seed
 
     datasets.disable_progress_bars()
+    if keep_memory:
+        from utils import keep_cpu_memory
+        keep_cpu_memory()
     cfg = compose(BENCH_OVERRIDES + overrides)
     set_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg.model)
@@ -354,10 +379,10 @@ def run_trl(overrides: list[str], steps: int, warmup: int, peak_gflops: float, p
     measured = [n for step in lengths[warmup:] for n in step]
     wall = marks[-1] - marks[warmup - 1]
     step_times = [b - a for a, b in zip(marks[warmup - 1:], marks[warmup:])]
-    flops = sequence_flops(model_dims(policy), measured, reference=not precompute)
+    flops = sequence_flops(model_dims(policy), [(n, n * n / 2) for n in measured], reference=not precompute)
     return {
         "label": "trl", "trl_version": __import__("trl").__version__, "precompute_ref_log_probs": precompute,
-        "torch_compile": compile,
+        "torch_compile": compile, "keep_cpu_memory": keep_memory,
         "batch_pairs": cfg.batch_size, "mean_seq_tokens": round(statistics.mean(measured), 1),
         "steps": steps, "warmup": warmup, "setup_s": round(setup_s, 2),
         "tokens_per_s": sum(measured) / wall, "step_s_median": statistics.median(step_times),
@@ -400,7 +425,8 @@ def run_block_in_subprocess(who: str, args, peak: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--block", who, "--peak", str(peak),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size,
            "--max-wait", str(args.max_wait), *(["--threads", str(args.threads)] if args.threads else []),
-           *(["--trl-compile", args.trl_compile] if args.trl_compile else []), "--", *args.overrides]
+           *(["--trl-compile", args.trl_compile] if args.trl_compile else []),
+           *(["--trl-keep-cpu-memory"] if args.trl_keep_cpu_memory else []), "--", *args.overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the {who} measurement failed:\n{proc.stderr[-3000:]}")
@@ -420,6 +446,8 @@ def main(argv=None) -> None:
     parser.add_argument("--trl-compile", choices=["true", "false"], default=None,
                         help="--vs-trl: TrainingArguments.torch_compile for TRL (default: as our compile=, "
                              "except with precomputed reference log-probs, which TRL 1.16 cannot compile)")
+    parser.add_argument("--trl-keep-cpu-memory", action="store_true",
+                        help="--vs-trl: give TRL's process our CPU malloc setting too (see utils.keep_cpu_memory)")
     parser.add_argument("--block", choices=["trl", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--peak", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -448,7 +476,7 @@ def main(argv=None) -> None:
             trl_compile = (bool(cfg.get("compile", False)) and not precompute if args.trl_compile is None
                            else args.trl_compile == "true")
             r = run_trl(overrides, args.steps, args.warmup, args.peak, bool(cfg.loss.get("precompute_reference", False)),
-                        trl_compile)
+                        trl_compile, args.trl_keep_cpu_memory)
         else:
             r = run_ours(overrides, args.steps, args.warmup, args.peak)
         print(json.dumps(r))
@@ -494,7 +522,9 @@ def main(argv=None) -> None:
                        trl_other_cpu_pct=best(trl)["other_cpu_pct"],
                        ratio_vs_trl=round(best(ours)["tokens_per_s"] / best(trl)["tokens_per_s"], 3),
                        ratio_vs_trl_median=round(med(ours, "tokens_per_s") / med(trl, "tokens_per_s"), 3),
-                       precompute_reference=ours[0]["precompute_reference"], trl_compile=trl[0]["torch_compile"])
+                       precompute_reference=ours[0]["precompute_reference"], trl_compile=trl[0]["torch_compile"],
+                       trl_keep_cpu_memory=trl[0]["keep_cpu_memory"], share_prompt=ours[0]["share_prompt"],
+                       keep_cpu_memory=ours[0]["keep_cpu_memory"])
     out = Path(args.out or ROOT / "runs" / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "peak_what": peak_what, "runs": results}, indent=2) + "\n")

@@ -38,28 +38,22 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def scored_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices into (B, T-1) of the positions whose next token is scored
-    (label != -100). collate computes them on the CPU, so using them on a GPU
-    costs no device->host sync."""
-    return (labels[:, 1:] != -100).flatten().nonzero().squeeze(1)
+def gathered_logps(states: torch.Tensor, head: torch.nn.Module | None, rows: torch.Tensor,
+                   targets: torch.Tensor, seq: torch.Tensor, n_scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` with the scored tokens listed explicitly (collate
+    builds the lists): the state at flat position rows[j] of `states`
+    predicts token targets[j], which counts towards sequence seq[j].
 
-
-def head_sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                        index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` from the final hidden states (B, T, H), with the LM head
-    applied only at the scored positions: prompt and padding positions never
-    get (B, T, V) logits, which is most of the head's work and memory when
-    the vocabulary is large and prompts are long. Same result as
-    sequence_logps(head(hidden), labels)."""
-    b, t, h = hidden.shape
-    index = scored_positions(labels) if index is None else index
-    targets = labels[:, 1:].reshape(-1).index_select(0, index)
-    rows = hidden[:, :-1].reshape(-1, h).index_select(0, index)
-    token_logps = -F.cross_entropy(head(rows).float(), targets, reduction="none")
-    seq = torch.div(index, t - 1, rounding_mode="floor")
-    logps = token_logps.new_zeros(b).index_add(0, seq, token_logps)
-    return logps, (labels[:, 1:] != -100).sum(-1)
+    states: (N, T, H) final hidden states with `head` the LM head, or
+    (N, T, V) logits with head=None. The head runs only on the scored rows:
+    prompt and padding positions never get logits, which is most of the
+    head's work and memory when the vocabulary is large and prompts long.
+    Returns the per-sequence sums and n_scored (the counts), as sequence_logps.
+    """
+    picked = states.reshape(-1, states.shape[-1]).index_select(0, rows)
+    logits = head(picked) if head is not None else picked
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    return token_logps.new_zeros(n_scored.shape[0]).index_add(0, seq, token_logps), n_scored
 
 
 def preference_loss(

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from losses import scored_positions
 from utils import ConfigError
 
 IGNORE_INDEX = -100
@@ -222,28 +221,89 @@ def _pad(seqs: list[list[int]], value: int, length: int, left: bool = False) -> 
     return out
 
 
-def collate(examples: list[TokenizedExample], pad_id: int, with_rejected: bool) -> dict[str, torch.Tensor]:
-    """One padded batch. With `with_rejected`, the rows are the B chosen
-    sequences followed by the B rejected ones, so one forward pass serves both
-    (the reference repo's concatenated_forward)."""
-    sequences = [ex.prompt + ex.chosen for ex in examples]
-    prompt_lens = [len(ex.prompt) for ex in examples]
-    if with_rejected:
-        sequences += [ex.prompt + ex.rejected for ex in examples]
-        prompt_lens += prompt_lens
+def collate(examples: list[TokenizedExample], pad_id: int, with_rejected: bool,
+            share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """One padded batch of B pairs (B rows of SFT data without `with_rejected`).
+
+    The logical sequences are `prompt + chosen` for every pair, then
+    `prompt + rejected` (2B of them, B for SFT), in one of two layouts:
+      separate       one row per sequence, 2B rows: the reference repo's
+                     concatenated forward, one pass for chosen and rejected.
+      share_prompt   one row per pair, `prompt + chosen + rejected`: the prompt
+                     goes through the model once instead of twice. A 4-D
+                     attention mask hides the chosen tokens from the rejected
+                     ones and the rejected positions restart after the prompt,
+                     so every token sees exactly what it would in its own row
+                     (prefix sharing: same log-probs, fewer FLOPs).
+    Both say which hidden state predicts which scored (response) token, so the
+    LM head runs only there (losses.gathered_logps):
+      score_rows     flat index into the (rows x T) hidden states
+      score_targets  the token predicted at that state
+      score_seq      the logical sequence (0..2B-1) it counts towards
+      n_scored       (2B,) scored tokens per logical sequence
+      lengths        (2B,) tokens per logical sequence (what tokens/s counts)
+    The separate layout also carries `labels` (prompt and padding = -100).
+    """
+    responses = [ex.chosen for ex in examples] + ([ex.rejected for ex in examples] if with_rejected else [])
+    prompts = [ex.prompt for ex in examples] * (2 if with_rejected else 1)
+    batch = (_collate_shared(examples, pad_id) if with_rejected and share_prompt
+             else _collate_separate(prompts, responses, pad_id))
+    batch["lengths"] = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
+    if with_rejected and all(ex.reference_logps is not None for ex in examples):
+        batch["reference_logps"] = torch.tensor([ex.reference_logps[0] for ex in examples] +
+                                                [ex.reference_logps[1] for ex in examples])
+    return batch
+
+
+def _collate_separate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    sequences = [p + r for p, r in zip(prompts, responses)]
     length = max(len(s) for s in sequences)
     input_ids = _pad(sequences, pad_id, length)
     attention_mask = _pad([[1] * len(s) for s in sequences], 0, length)
     labels = input_ids.clone()
     labels[attention_mask == 0] = IGNORE_INDEX
-    for i, n in enumerate(prompt_lens):
-        labels[i, :n] = IGNORE_INDEX
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "scored_index": scored_positions(labels)}  # where the LM head must run (see losses.head_sequence_logps)
-    if with_rejected and all(ex.reference_logps is not None for ex in examples):
-        batch["reference_logps"] = torch.tensor([ex.reference_logps[0] for ex in examples] +
-                                                [ex.reference_logps[1] for ex in examples])
-    return batch
+    for i, p in enumerate(prompts):
+        labels[i, :len(p)] = IGNORE_INDEX
+    scored = labels[:, 1:] != IGNORE_INDEX  # token t+1 is predicted by the state at t
+    seq, t = scored.nonzero(as_tuple=True)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "score_rows": seq * length + t, "score_targets": labels[seq, t + 1], "score_seq": seq,
+            "n_scored": scored.sum(-1)}
+
+
+def _collate_shared(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    b = len(examples)
+    length = max(len(ex.prompt) + len(ex.chosen) + len(ex.rejected) for ex in examples)
+    input_ids = _pad([ex.prompt + ex.chosen + ex.rejected for ex in examples], pad_id, length)
+    segment = torch.full((b, length), _PAD)     # what each position holds
+    position_ids = torch.zeros((b, length), dtype=torch.long)
+    rows, targets, seqs, n_scored = [], [], [], [[0] * b, [0] * b]
+    for i, ex in enumerate(examples):
+        p, c, r = len(ex.prompt), len(ex.chosen), len(ex.rejected)
+        segment[i, :p], segment[i, p:p + c], segment[i, p + c:p + c + r] = _PROMPT, _CHOSEN, _REJECTED
+        position_ids[i, :p + c] = torch.arange(p + c)
+        position_ids[i, p + c:p + c + r] = torch.arange(p, p + r)
+        # the state before each response token: the previous token of the same
+        # response, or the prompt's last token for the first one (none if p == 0)
+        for kind, start, response in ((0, p, ex.chosen), (1, p + c, ex.rejected)):
+            before = [p - 1] + list(range(start, start + len(response) - 1))
+            scored = [(s, tok) for s, tok in zip(before, response) if s >= 0]
+            rows += [i * length + s for s, _ in scored]
+            targets += [tok for _, tok in scored]
+            seqs += [kind * b + i] * len(scored)
+            n_scored[kind][i] = len(scored)
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = causal & (q != _PAD) & (k != _PAD) & ~((q == _REJECTED) & (k == _CHOSEN))
+    # padding queries attend to themselves: a row with nothing to attend to
+    # would be NaN, and a NaN activation poisons weight gradients even unscored
+    mask |= torch.eye(length, dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
+            "score_rows": torch.tensor(rows, dtype=torch.long), "score_targets": torch.tensor(targets, dtype=torch.long),
+            "score_seq": torch.tensor(seqs, dtype=torch.long), "n_scored": torch.tensor(n_scored[0] + n_scored[1])}
+
+
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -26,13 +26,13 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import checkpoints
-from losses import build_loss, head_sequence_logps, preference_loss, sequence_logps, sft_loss
+from losses import build_loss, gathered_logps, preference_loss, sft_loss
 from models import build_model, build_tokenizer
 from optimizers import build_optimizer, build_scheduler
 from preference_datasets import (BadRows, BatchStream, apply_chat_template, collate, collate_prompts, get_examples,
                                  tokenize_example)
 from sparsity import UpdateSparsity
-from utils import (ConfigError, TrainingError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text,
+from utils import (ConfigError, TrainingError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text, keep_cpu_memory,
                    optimizer_state_bytes, resolve_device, resolve_dtype, set_seed, tensor_bytes)
 
 
@@ -51,6 +51,8 @@ class BasicTrainer:
         cfg = self.cfg
         self._setup_distributed()
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu" and cfg.get("keep_cpu_memory", False):
+            keep_cpu_memory()
         self.dtype = resolve_dtype(cfg.precision, self.device)
         self.loss = build_loss(cfg.loss)
         set_seed(cfg.seed)
@@ -59,6 +61,7 @@ class BasicTrainer:
         self._setup_data()
         self.policy = self._setup_policy()
         self.reference = self._setup_reference()
+        self.share_prompt = self._share_prompt()
         self._setup_fast_paths()   # compile=true, loss.precompute_reference=true
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.warmup_steps, cfg.max_steps)
@@ -106,6 +109,24 @@ class BasicTrainer:
         if not self.loss.needs_reference:
             return None
         return self._frozen_copy(self.policy)
+
+    def _share_prompt(self) -> bool:
+        """share_prompt=true (the default) puts each pair in one row, the prompt
+        once (see preference_datasets.collate). It relies on the model honouring
+        a 4-D boolean attention mask (SDPA) and explicit position ids, verified
+        for SHARED_PROMPT_MODELS."""
+        if not (self.cfg.get("share_prompt", False) and self.loss.is_preference):
+            return False
+        config = self._unwrapped(self.policy).config
+        model_type, attention = getattr(config, "model_type", None), getattr(config, "_attn_implementation", None)
+        if model_type not in SHARED_PROMPT_MODELS or attention != "sdpa":
+            self.print(f"share_prompt: not verified for model_type={model_type} with attention={attention}; "
+                       "chosen and rejected go in separate rows")
+            return False
+        return True
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        return collate(examples, self.tokenizer.pad_token_id, self.loss.is_preference, self.share_prompt)
 
     def _offload_device(self) -> str | None:
         if not self.cfg.cpu_offload:
@@ -235,7 +256,8 @@ class BasicTrainer:
         use_cache=False: a training forward builds no KV cache. With
         compile=true this runs as one torch.compile'd graph (model + loss)."""
         fn = self._compiled.get(id(model)) or (lambda *a: _logps(model, *a))
-        return fn(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("scored_index"))
+        return fn(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch["score_rows"],
+                  batch["score_targets"], batch["score_seq"], batch["n_scored"])
 
     def _setup_fast_paths(self) -> None:
         self._compiled = {}
@@ -257,7 +279,7 @@ class BasicTrainer:
         size = self.cfg.eval_batch_size
         for i in range(0, len(examples), size):
             chunk = examples[i:i + size]
-            batch = collate(chunk, self.tokenizer.pad_token_id, with_rejected=True)
+            batch = self.collate(chunk)
             logps = self.reference_logps({k: v.to(self.device) for k, v in batch.items()}).float().cpu().tolist()
             for ex, chosen, rejected in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
                 ex.reference_logps = (chosen, rejected)
@@ -267,8 +289,7 @@ class BasicTrainer:
     def micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
         size = self.micro_batch_size
         mine = examples[self.rank * len(examples) // self.world_size:(self.rank + 1) * len(examples) // self.world_size]
-        return [collate(mine[i:i + size], self.tokenizer.pad_token_id, self.loss.is_preference)
-                for i in range(0, len(mine), size)]
+        return [self.collate(mine[i:i + size]) for i in range(0, len(mine), size)]
 
     # ------------------------------------------------------------ training
     def train_step(self, window: dict) -> None:
@@ -285,7 +306,7 @@ class BasicTrainer:
                 (loss / len(micro)).backward()
             for k, v in metrics.items():
                 window[k].append(v)
-            window["_tokens"].append(batch["attention_mask"].sum())
+            window["_tokens"].append(batch["lengths"].sum())
         grad_norm = self.clip_grad_norm()
         window["grad_norm"].append(grad_norm)
         window["lr"].append(torch.tensor(self.scheduler.get_last_lr()[0]))
@@ -364,7 +385,7 @@ class BasicTrainer:
         size = self.cfg.eval_batch_size * self.world_size
         for i in range(0, len(self.eval_examples), size):
             mine = self.eval_examples[i:i + size][self.rank::self.world_size]
-            _, metrics = self.batch_metrics(collate(mine, self.tokenizer.pad_token_id, self.loss.is_preference), "eval")
+            _, metrics = self.batch_metrics(self.collate(mine), "eval")
             for k, v in metrics.items():
                 sums[k] += v * len(mine)
             n += len(mine)
@@ -467,17 +488,20 @@ class BasicTrainer:
             self.logger.close()
 
 
-# Model types whose logits are exactly lm_head(final hidden state): for them
-# the head runs only where a label is scored (losses.head_sequence_logps).
+# Model types whose logits are exactly lm_head(final hidden state) and which
+# use a 4-D attention mask and position ids as given: for them the head runs
+# only where a token is scored, and share_prompt packs a pair into one row.
 PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+SHARED_PROMPT_MODELS = PLAIN_HEAD_MODELS
 
 
-def _logps(model: torch.nn.Module, input_ids, attention_mask, labels, scored_index=None):
+def _logps(model: torch.nn.Module, input_ids, attention_mask, position_ids, rows, targets, seq, n_scored):
+    """Summed log-probs of the scored tokens of each logical sequence (see collate)."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS:
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return head_sequence_logps(hidden, model.get_output_embeddings(), labels, scored_index)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return sequence_logps(logits, labels)
+        hidden = model.base_model(**inputs).last_hidden_state
+        return gathered_logps(hidden, model.get_output_embeddings(), rows, targets, seq, n_scored)
+    return gathered_logps(model(**inputs).logits, None, rows, targets, seq, n_scored)
 
 
 class StopOnSignal:

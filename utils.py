@@ -61,6 +61,33 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 # Exact memory accounting. Everything is counted from live tensors, one
 # storage at a time, so views and tied weights are never counted twice.
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_cpu_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it
+    back to the OS. Each training step allocates and frees the same
+    activation buffers (MBs each); by default glibc serves such blocks with
+    fresh mmap()s and trims the heap after frees, so every step pays page
+    faults and zeroing of new pages again (~10% of a CPU step here). Blocks up
+    to 32 MiB now come from the heap, which is never trimmed: the process
+    keeps its peak footprint, as CUDA's caching allocator does on a GPU.
+    Returns False where there is no glibc (macOS, musl): nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 * 2**20))
+    return all(mallopt(key, value) == 1 for key, value in settings)
+
+
 def _storage_key(t: torch.Tensor):
     s = t.untyped_storage()
     return (t.device, s.data_ptr())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import MICRO_MODEL
-from losses import head_sequence_logps, scored_positions, sequence_logps
+from losses import gathered_logps, sequence_logps
 from preference_datasets import collate
 
 
@@ -19,15 +19,47 @@ def test_head_only_at_scored_positions_equals_full_logits(micro_trainer):
     model = t.policy
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     full = sequence_logps(model.lm_head(hidden), batch["labels"])
-    for index in (None, batch["scored_index"]):
-        fast = head_sequence_logps(hidden, model.lm_head, batch["labels"], index)
-        assert torch.allclose(fast[0], full[0], atol=1e-5) and torch.equal(fast[1], full[1])
-    assert torch.equal(batch["scored_index"], scored_positions(batch["labels"]))
+    keys = ("score_rows", "score_targets", "score_seq", "n_scored")
+    fast = gathered_logps(hidden, model.lm_head, *(batch[k] for k in keys))
+    assert torch.allclose(fast[0], full[0], atol=1e-5) and torch.equal(fast[1], full[1])
     # and the gradients agree
     g_full = torch.autograd.grad(full[0].sum(), model.lm_head.weight, retain_graph=True)[0]
-    g_fast = torch.autograd.grad(head_sequence_logps(hidden, model.lm_head, batch["labels"])[0].sum(),
-                                 model.lm_head.weight)[0]
+    g_fast = torch.autograd.grad(fast[0].sum(), model.lm_head.weight)[0]
     assert torch.allclose(g_fast, g_full, atol=1e-5)
+
+
+def test_shared_prompt_rows_give_the_same_loss_and_gradients(micro_trainer):
+    """share_prompt=true (one row per pair) and false (two rows) are the same
+    computation: equal DPO loss and equal gradients for every weight."""
+    grads = {}
+    for share in (False, True):
+        t = micro_trainer("loss=dpo", f"share_prompt={str(share).lower()}")
+        assert t.share_prompt is share
+        batch = t.collate(t.eval_examples[:8])
+        assert ("position_ids" in batch) is share and batch["attention_mask"].dim() == (4 if share else 2)
+        loss, _ = t.batch_metrics(batch, "train")
+        loss.backward()
+        grads[share] = (loss.item(), {n: p.grad.clone() for n, p in t.policy.named_parameters()})
+    assert grads[True][0] == pytest.approx(grads[False][0], abs=1e-6)
+    for name, g in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_mask_and_positions_by_hand():
+    """prompt [1, 2], chosen [3, 4], rejected [5]: the rejected token sees the
+    prompt and itself only, and sits at position 2 like the first chosen one."""
+    from preference_datasets import TokenizedExample
+
+    b = collate([TokenizedExample([1, 2], [3, 4], [5]), TokenizedExample([1], [3], [5, 6])], 0, True, share_prompt=True)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 3, 5, 6, 0]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 2] and b["position_ids"][1][:4].tolist() == [0, 1, 1, 2]
+    assert b["attention_mask"][0, 0, 4].tolist() == [True, True, False, False, True]
+    assert b["attention_mask"][0, 0, 3].tolist() == [True, True, True, True, False]
+    assert b["attention_mask"][1, 0, 4].tolist() == [False, False, False, False, True]  # padding: itself only
+    # scored: (state, token, sequence) = chosen 3 <- 1, 4 <- 2; rejected 5 <- 1 (the prompt's last state)
+    triples = set(zip(b["score_rows"].tolist(), b["score_targets"].tolist(), b["score_seq"].tolist()))
+    assert triples == {(1, 3, 0), (2, 4, 0), (1, 5, 2), (5, 3, 1), (5, 5, 3), (7, 6, 3)}
+    assert b["n_scored"].tolist() == [2, 1, 1, 2] and b["lengths"].tolist() == [4, 2, 3, 3]
 
 
 def test_precomputed_reference_matches_the_live_reference(micro_trainer):

@@ -7,19 +7,23 @@ import pytest
 import torch
 
 from conftest import ROOT, compose, read_metrics
-from losses import sequence_logps
 from preference_datasets import collate
 from utils import ConfigError
 
 
-def test_concatenated_logps_equal_one_sequence_at_a_time(micro_trainer):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_batched_logps_equal_one_sequence_at_a_time(micro_trainer, share_prompt):
+    """Both batch layouts (2B padded rows, or B rows of prompt + chosen +
+    rejected with a 4-D mask) give each response the log-prob it gets when
+    its prompt + response is run alone, unpadded, through the plain model."""
     t = micro_trainer()
     t.policy.eval()
     examples = t.eval_examples[:6]
-    batch = collate(examples, t.tokenizer.pad_token_id, with_rejected=True)
+    assert len({len(ex.prompt) for ex in examples}) > 1 and len({len(ex.chosen) for ex in examples}) > 1  # padding
+    batch = collate(examples, t.tokenizer.pad_token_id, with_rejected=True, share_prompt=share_prompt)
+    assert batch["input_ids"].shape[0] == (6 if share_prompt else 12)
     with torch.no_grad():
-        logits = t.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        together, _ = sequence_logps(logits, batch["labels"])
+        together, n_scored = t.forward_logps(t.policy, batch)
         alone = []
         for seq_prompt, resp in [(ex.prompt, ex.chosen) for ex in examples] + [(ex.prompt, ex.rejected) for ex in examples]:
             ids = torch.tensor([seq_prompt + resp])
@@ -27,6 +31,9 @@ def test_concatenated_logps_equal_one_sequence_at_a_time(micro_trainer):
             # sum of log p(token_t | <t) over the response tokens only, written out directly
             alone.append(sum(out[len(seq_prompt) + j - 1, tok].item() for j, tok in enumerate(resp)))
     assert together.tolist() == pytest.approx(alone, abs=1e-4)
+    assert n_scored.tolist() == [len(ex.chosen) for ex in examples] + [len(ex.rejected) for ex in examples]
+    assert batch["lengths"].tolist() == [len(ex.prompt) + len(ex.chosen) for ex in examples] + \
+        [len(ex.prompt) + len(ex.rejected) for ex in examples]
 
 
 def test_reference_is_a_frozen_copy_of_the_starting_policy(micro_trainer):
