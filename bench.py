@@ -6,6 +6,7 @@ model FLOPs utilisation, memory. Optionally against Hugging Face TRL.
     python bench.py model=smollm2-135m batch_size=4 --steps 5
     python bench.py --size 25m                        # a ~25M-parameter Llama (hidden 512, 8 layers)
     python bench.py --vs-trl                          # TRL's DPOTrainer and ours, back to back
+    python bench.py --variant share_prompt=false --variant ''   # settings of ours, interleaved
 
 Positional arguments are Hydra overrides of config/config.yaml (the same
 names as train.py); the bench's own defaults (BENCH_OVERRIDES) come first, so
@@ -416,7 +417,7 @@ def print_table(results: list[dict], peak: float, peak_what: str) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
 
 
-def run_block_in_subprocess(who: str, args, peak: float) -> dict:
+def run_block_in_subprocess(who: str, args, peak: float, extra: list[str] = ()) -> dict:
     """One --vs-trl measurement in a fresh Python process, so that neither
     side inherits the other's state (TRL/accelerate singletons, compile
     caches, allocator), whatever the order."""
@@ -426,11 +427,46 @@ def run_block_in_subprocess(who: str, args, peak: float) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size,
            "--max-wait", str(args.max_wait), *(["--threads", str(args.threads)] if args.threads else []),
            *(["--trl-compile", args.trl_compile] if args.trl_compile else []),
-           *(["--trl-keep-cpu-memory"] if args.trl_keep_cpu_memory else []), "--", *args.overrides]
+           *(["--trl-keep-cpu-memory"] if args.trl_keep_cpu_memory else []), "--", *args.overrides, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the {who} measurement failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_variants(args, peak: float) -> list[dict]:
+    """Each variant once per round, in fresh processes, the order reversed
+    every other round (A B C, C B A, ...) so that drifting machine speed
+    hits all alike."""
+    results = []
+    for i in range(args.rounds):
+        for variant in (args.variant if i % 2 == 0 else args.variant[::-1]):
+            r = run_block_in_subprocess("ours", args, peak, variant.split())
+            r["label"] = f"{variant or '(as given)'} #{i + 1}"
+            r["variant"] = variant
+            results.append(r)
+            print(f"{r['label']}: {r['tokens_per_s']:,.0f} tokens/s, other CPU {r['other_cpu_pct']}%", file=sys.stderr)
+    return results
+
+
+def summarize_variants(results: list[dict], variants: list[str], peak: float) -> dict:
+    rows = []
+    for variant in variants:
+        mine = [r for r in results if r["variant"] == variant]
+        rows.append({"overrides": variant, "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in mine), 1),
+                     "tokens_per_s_best": round(max(r["tokens_per_s"] for r in mine), 1),
+                     "mfu_median": round(statistics.median(r["mfu"] for r in mine), 4),
+                     "other_cpu_pct_max": max((r["other_cpu_pct"] or 0) for r in mine)})
+    for row in rows:
+        row["vs_first_median"] = round(row["tokens_per_s_median"] / rows[0]["tokens_per_s_median"], 3)
+    return {"variants": rows, "peak_gflops": round(peak, 1), "threads": torch.get_num_threads()}
+
+
+def write_results(path, summary: dict, peak_what: str, results: list[dict]) -> Path:
+    out = Path(path or ROOT / "runs" / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "peak_what": peak_what, "runs": results}, indent=2) + "\n")
+    return out
 
 
 def main(argv=None) -> None:
@@ -448,6 +484,9 @@ def main(argv=None) -> None:
                              "except with precomputed reference log-probs, which TRL 1.16 cannot compile)")
     parser.add_argument("--trl-keep-cpu-memory", action="store_true",
                         help="--vs-trl: give TRL's process our CPU malloc setting too (see utils.keep_cpu_memory)")
+    parser.add_argument("--variant", action="append", metavar="OVERRIDES",
+                        help="compare settings of ours: one measurement per variant (extra overrides, space-"
+                             "separated; '' = none) per round, interleaved ABBA in fresh processes; repeatable")
     parser.add_argument("--block", choices=["trl", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--peak", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -458,6 +497,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step pays one-time costs)")
+    if args.variant and args.vs_trl:
+        parser.error("--variant compares settings of ours; run --vs-trl separately")
     if args.threads:
         torch.set_num_threads(args.threads)
     global MAX_WAIT
@@ -486,7 +527,9 @@ def main(argv=None) -> None:
         wait_for_quiet(MAX_WAIT)
         peak, peak_what = measure_peak_gflops(device, args.peak_size)
         results = []
-        if args.vs_trl:
+        if args.variant:
+            results = compare_variants(args, peak)
+        elif args.vs_trl:
             order = []
             for i in range(args.rounds):
                 order += ["trl", "ours"] if i % 2 == 0 else ["ours", "trl"]
@@ -506,6 +549,12 @@ def main(argv=None) -> None:
             r["mfu"] = r["model_gflops_per_s"] / peak_after
         peak = peak_after
     print_table(results, peak, peak_what)
+    if args.variant:
+        summary = summarize_variants(results, args.variant, peak)
+        out = write_results(args.out, summary, peak_what, results)
+        print(f"wrote {out}")
+        print(json.dumps(summary))
+        return
     ours = [r for r in results if r["label"].startswith("prefopt")]
     trl = [r for r in results if r["label"].startswith("trl")]
     # Headline: the best block of each side. Other processes can only slow a
@@ -525,9 +574,7 @@ def main(argv=None) -> None:
                        precompute_reference=ours[0]["precompute_reference"], trl_compile=trl[0]["torch_compile"],
                        trl_keep_cpu_memory=trl[0]["keep_cpu_memory"], share_prompt=ours[0]["share_prompt"],
                        keep_cpu_memory=ours[0]["keep_cpu_memory"])
-    out = Path(args.out or ROOT / "runs" / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "peak_what": peak_what, "runs": results}, indent=2) + "\n")
+    out = write_results(args.out, summary, peak_what, results)
     print(f"wrote {out}")
     print(json.dumps(summary))
 

@@ -103,3 +103,19 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert set(run["split_s"]) == {"data", "forward", "reference", "backward", "optimizer"}
     assert run["optimizer_state_bytes"] > 0 and run["peak_memory_bytes"] > 0 and run["reference_in_step"]
     assert "other_cpu_pct" in run
+
+
+def test_bench_variants_are_measured_interleaved(tmp_path, capsys):
+    """--variant: one fresh-process measurement per variant and round, with
+    the variant's overrides applied (share_prompt shows in the result)."""
+    import bench
+
+    out = tmp_path / "variants.json"
+    bench.main(["--variant", "share_prompt=false", "--variant", "", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                "--max-wait", "0", "--peak-size", "512", "--out", str(out), *MICRO_MODEL,
+                "dataset.min_len=3", "dataset.max_len=7", "dataset.n_train=64"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [v["overrides"] for v in summary["variants"]] == ["share_prompt=false", ""]
+    assert summary["variants"][0]["vs_first_median"] == 1.0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["share_prompt"] for r in runs] == [False, True]
