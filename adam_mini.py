@@ -33,12 +33,16 @@ Partitions (which elements share a v):
     norm, other                  one v for the whole tensor
 
 Weight decay: none for biases and norm gains; everything else, embeddings
-included, is decayed (that is what the official package does; pass
-decay_embeddings=False to exempt the input embedding).
+included, is decayed by default (that is what the official package does;
+decay_embeddings=False exempts the input embedding). A run
+(optimizer=adam_mini) passes its top-level `decay_embeddings` (default false),
+so embeddings are treated as with every other optimizer.
 
 State per parameter, in self.state[p] so that state_dict()/load_state_dict()
 checkpoint it: "exp_avg" (like p), "exp_avg_sq" (like p for full tensors,
-otherwise (num_blocks, 1)), "step" (float32 scalar tensor on the CPU, as torch.optim.Adam).
+otherwise (num_blocks, 1)), "step" (float32 scalar tensor on the CPU, as torch.optim.Adam),
+and on the CPU single-block path with weight decay "decay_shift" (a float):
+there exp_avg holds m + decay_shift * p (see _fused_decayed_step).
 
 Speed. The optimizer step is memory bound, so what counts is how many times
 each big tensor goes through memory (AdamW: read p, g, m, v; write p, m, v).
@@ -53,8 +57,11 @@ each big tensor goes through memory (AdamW: read p, g, m, v; write p, m, v).
 On CPU the tensors are streamed one by one (statistics, then update, while g
 is still in cache) with the block scalars as Python floats; on GPUs the block
 scalars of all tensors are computed together on the device (no host sync, few
-kernel launches). Decoupled weight decay costs one extra pass over the decayed
-non-full tensors (no fused torch kernel computes "p = d*p - s*m").
+kernel launches). Decoupled weight decay needs "p = d*p - s*m", which no torch
+kernel computes in one pass; on the CPU single-block path it is folded into the
+fused SGD kernel's L2 term (see _fused_decayed_step; exp_avg then holds
+m + decay_shift * p, decay_shift being saved in the state), elsewhere it is one
+extra pass over the decayed tensors.
 """
 
 import math
@@ -234,6 +241,32 @@ def _fused_ema_step(p, g, m, scale, beta1):
     scale: a float, or a 1-element tensor (no host sync on GPU)."""
     torch._fused_sgd_([p], [g], [m], weight_decay=0.0, momentum=beta1, lr=scale,
                       dampening=beta1, nesterov=False, maximize=False, is_first_step=False)
+
+
+def _fused_decayed_step(p, g, b, s, eta, beta1, shift):
+    """One pass of torch's fused SGD kernel doing Adam-mini's update with
+    decoupled weight decay, which would otherwise need a separate p *= 1 - eta.
+
+    The kernel computes  g' = g + lam*p;  b = mu*b + (1-damp)*g';  p -= lr*b.
+    The buffer holds b = m + shift*p (shift from the previous step, 0 at first).
+    With mu = (1-eta)*beta1, 1-damp = (1-eta)*(1-beta1), lr = s/(1-eta) and
+    lam = (eta/s - beta1*shift)/(1-beta1), expanding gives exactly
+        m' = beta1*m + (1-beta1)*g,   p' = (1-eta)*p - s*m',
+        b' = m' + (eta/s)*p',
+    so the new shift is eta/s. Needs s > 0, eta < 1, beta1 > 0 (the caller checks).
+    Returns the new shift."""
+    lam = (eta / s - beta1 * shift) / (1.0 - beta1)
+    torch._fused_sgd_([p], [g], [b], weight_decay=lam, momentum=(1.0 - eta) * beta1, lr=s / (1.0 - eta),
+                      dampening=1.0 - (1.0 - eta) * (1.0 - beta1), nesterov=False, maximize=False,
+                      is_first_step=False)
+    return eta / s
+
+
+def _unshift(p, state):
+    """exp_avg back to plain m (see _fused_decayed_step)."""
+    shift = state.pop("decay_shift", 0.0)
+    if shift:
+        state["exp_avg"].sub_(p, alpha=shift)
 
 
 def optimizer_state_bytes(optimizer):
@@ -477,14 +510,22 @@ class AdamMini(torch.optim.Optimizer):
             state, g, lay = self.state[p], p.grad, info.layout
             step_size, bc2_sqrt = lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t)
             sq = _block_sums(g, lay)  # what block_stats computes, one tensor at a time
-            if wd != 0.0 and info.decay:
-                p.mul_(1.0 - lr * wd)  # decoupled decay, as AdamW
+            eta = lr * wd if info.decay else 0.0
             if info.path == "fused":
                 v = beta2 * state["exp_avg_sq"].item() + (1.0 - beta2) * sq.item() / p.numel()
                 state["exp_avg_sq"].fill_(v)
-                # s = (lr / bc1) / (sqrt(v) / sqrt(bc2) + eps)
-                _fused_ema_step(p, g, state["exp_avg"], step_size / (math.sqrt(v) / bc2_sqrt + eps), beta1)
+                s = step_size / (math.sqrt(v) / bc2_sqrt + eps)  # (lr / bc1) / (sqrt(v) / sqrt(bc2) + eps)
+                if (eta or state.get("decay_shift")) and s > 0.0 and eta < 1.0 and beta1 > 0.0:
+                    state["decay_shift"] = _fused_decayed_step(p, g, state["exp_avg"], s, eta, beta1,
+                                                               state.get("decay_shift", 0.0))
+                    continue
+                _unshift(p, state)
+                if eta:
+                    p.mul_(1.0 - eta)  # decoupled decay, as AdamW
+                _fused_ema_step(p, g, state["exp_avg"], s, beta1)
                 continue
+            if eta:
+                p.mul_(1.0 - eta)
             n = p.numel() // lay.num_blocks  # one fused call per row block
             v = [beta2 * vo + (1.0 - beta2) * s / n
                  for vo, s in zip(state["exp_avg_sq"].view(-1).tolist(), sq.view(-1).tolist())]
@@ -506,6 +547,8 @@ class AdamMini(torch.optim.Optimizer):
                    broadcast addcmul pass for p, batched with _foreach ops.
         """
         params = [p for p, _ in items]
+        for p in params:  # a tensor that was on the streamed path before (e.g. its gradient was contiguous)
+            _unshift(p, self.state[p])
         grads = [p.grad for p in params]
         paths = [info.path if (g.dtype == p.dtype and g.is_contiguous()) else "generic"
                  for (p, info), g in zip(items, grads)]

@@ -385,3 +385,22 @@ def test_build_rejects_bad_arguments():
         build_adam_mini(tiny_llama(), partition="heads")
     with pytest.raises(TypeError):
         build_adam_mini(tiny_llama(), momentum=0.9)
+
+
+def test_fused_decayed_step_is_adamw_style_decay_in_one_pass():
+    """The folded kernel call equals the two-pass update p *= 1-eta; m = lerp(m, g);
+    p -= s*m, step after step with a changing step size and decay (an LR schedule),
+    and the buffer is m + shift*p; float64, so only the algebra is tested."""
+    from adam_mini import _fused_decayed_step
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(300, dtype=torch.float64, generator=gen)
+    b, m, ref_p, shift, beta1 = torch.zeros_like(p), torch.zeros_like(p), p.clone(), 0.0, 0.9
+    for s, eta in [(1e-2, 1e-3), (2e-2, 5e-4), (5e-3, 0.0), (1e-2, 2e-3)]:
+        g = torch.randn(300, dtype=torch.float64, generator=gen)
+        shift = _fused_decayed_step(p, g, b, s, eta, beta1, shift)
+        ref_p.mul_(1 - eta)
+        m = beta1 * m + (1 - beta1) * g
+        ref_p -= s * m
+        torch.testing.assert_close(p, ref_p, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(b - shift * p, m, rtol=1e-10, atol=1e-13)
