@@ -3,6 +3,7 @@ Benchmark optimizer.step() time and optimizer-state memory on a random Llama.
 
     python bench_optim.py --model-size 30m --steps 30
     python bench_optim.py --optimizers AdamW,adam_mini --weight-decay 0.1
+    python bench_optim.py --optimizers AdamW,RMSprop,Adafactor,AdamW8bit,Lion   # any registry name
 
 One real forward/backward on random tokens makes realistic gradients; every
 optimizer gets its own copy of the model with those gradients and they are
@@ -45,7 +46,8 @@ def _official(model, lr, weight_decay):
                      n_kv_heads=cfg.num_key_value_heads, verbose=False)
 
 
-# name -> factory(model, lr, weight_decay). A registry lookup can replace this dict.
+# Variants that are not registry names (implementation choices, the official
+# package); any other name goes through the registry as a run would build it.
 OPTIMIZERS = {
     "AdamW": lambda m, lr, wd: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd, fused=True),
     "AdamW-foreach": lambda m, lr, wd: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd, foreach=True),
@@ -54,6 +56,17 @@ OPTIMIZERS = {
     "adam_mini_official": _official,
 }
 DEFAULT_OPTIMIZERS = "AdamW,AdamW-foreach,adam_mini,adam_mini-neuron,adam_mini_official"
+
+
+def build_optimizer(name, model, lr, weight_decay):
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name](model, lr, weight_decay)
+    import optimizers
+
+    node = optimizers.signature_defaults(optimizers.get_entry(name).target)
+    if "weight_decay" in node:
+        node["weight_decay"] = weight_decay
+    return optimizers.build_optimizer(model, name, node, lr, torch.device("cpu"), run_values={"max_steps": 10**6})
 
 
 def build_model(size, seed=0):
@@ -68,7 +81,8 @@ def main():
     ap.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="30m")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer")
-    ap.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS, help="comma-separated names from OPTIMIZERS")
+    ap.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
+                    help="comma-separated names: registry names (optimizer=...) or " + ", ".join(OPTIMIZERS))
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -77,9 +91,15 @@ def main():
         torch.set_num_threads(args.threads)
 
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown:
-        ap.error(f"unknown optimizers {unknown}; known: {list(OPTIMIZERS)}")
+    import optimizers
+    from utils import ConfigError
+
+    try:
+        for n in names:
+            if n not in OPTIMIZERS:
+                optimizers.get_entry(n)  # unknown or refused: one line, with the valid names
+    except ConfigError as e:
+        ap.error(str(e))
     if "adam_mini_official" in names and official_adam_mini() is None:
         print("adam_mini_official: package not installed, skipped")
         names.remove("adam_mini_official")
@@ -95,7 +115,7 @@ def main():
         m = copy.deepcopy(base)  # keeps weight tying, but not .grad
         for p_base, p in zip(base.parameters(), m.parameters()):
             p.grad = p_base.grad.clone()
-        models[name], opts[name] = m, OPTIMIZERS[name](m, args.lr, args.weight_decay)
+        models[name], opts[name] = m, build_optimizer(name, m, args.lr, args.weight_decay)
 
     times = {n: [] for n in names}
     with torch.no_grad():

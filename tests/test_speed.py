@@ -119,3 +119,23 @@ def test_bench_variants_are_measured_interleaved(tmp_path, capsys):
     assert summary["variants"][0]["vs_first_median"] == 1.0
     runs = json.loads(out.read_text())["runs"]
     assert [r["share_prompt"] for r in runs] == [False, True]
+
+
+def test_bench_optim_reports_exact_state_bytes_per_optimizer(monkeypatch, capsys):
+    """bench_optim.py on the small model: registry names and its own variants
+    in one run; state bytes per parameter checked against the formulas
+    (AdamW 2 fp32 buffers + a step scalar per tensor; RMSprop 1; SGD 0)."""
+    import bench_optim
+
+    monkeypatch.setattr("sys.argv", ["bench_optim.py", "--model-size", "small", "--steps", "1", "--warmup", "1",
+                                     "--optimizers", "AdamW,RMSprop,SGD,adam_mini"])
+    bench_optim.main()
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in out if line and line.split()[0] in ("AdamW", "RMSprop", "SGD", "adam_mini")}
+    params = json.loads(out[-1])["params"]
+    n_tensors = 4 * 9 + 3  # per layer: q,k,v,o, gate,up,down, 2 norms; + embed, lm_head, final norm
+    assert int(rows["AdamW"][4].replace(",", "")) == 8 * params + 4 * n_tensors
+    assert int(rows["RMSprop"][4].replace(",", "")) == 4 * params + 4 * n_tensors
+    assert int(rows["SGD"][4].replace(",", "")) == 0
+    assert 4 * params < int(rows["adam_mini"][4].replace(",", "")) < 6 * params
+    assert "adam_mini_vs_adamw_step_ratio" in json.loads(out[-1])
