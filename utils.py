@@ -96,9 +96,7 @@ def _storage_key(t: torch.Tensor):
 def tensor_bytes(tensors) -> int:
     """Bytes held by the storages behind `tensors`, each storage counted once."""
     seen, total = set(), 0
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor) or t.is_meta:
-            continue
+    for t in (inner for value in tensors for inner in _tensors_in(value)):
         key = _storage_key(t)
         if key in seen:
             continue
@@ -127,8 +125,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, dict[s
 
 
 def _tensors_in(value):
+    """The plain tensors that hold `value`'s memory. Tensor subclasses that
+    wrap others (torchao's 4-/8-bit and fp8 optimizer state, DTensor) are
+    opened up with __tensor_flatten__: their own storage is not real."""
     if isinstance(value, torch.Tensor):
-        if not value.is_meta:
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            names, _ = value.__tensor_flatten__()
+            for name in names:
+                yield from _tensors_in(getattr(value, name))
+        elif not value.is_meta:
             yield value
     elif isinstance(value, (list, tuple)):
         for v in value:

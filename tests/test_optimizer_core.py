@@ -129,6 +129,34 @@ def test_shared_storage_counted_once():
     assert optimizer_state_bytes(opt) == (40, {"a": 40})
 
 
+class _Quantized(torch.Tensor):
+    """A wrapper tensor subclass like torchao's 4-/8-bit optimizer state: its
+    memory is in inner tensors (codes, scales); its own storage is not real."""
+
+    @staticmethod
+    def __new__(cls, codes, scale, shape):
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.float32)
+
+    def __init__(self, codes, scale, shape):
+        self.codes, self.scale = codes, scale
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} on a test wrapper")
+
+
+def test_state_bytes_open_up_quantized_tensor_subclasses():
+    from types import SimpleNamespace
+
+    codes, scale = torch.zeros(1024, dtype=torch.uint8), torch.ones(4)
+    state = SimpleNamespace(state={0: {"exp_avg": _Quantized(codes, scale, (1024,)), "step": torch.tensor(1.0)}})
+    total, per_name = optimizer_state_bytes(state)
+    assert per_name == {"exp_avg": 1024 + 16, "step": 4} and total == 1044
+
+
 def test_signature_defaults_are_plain_config_values():
     for name, entry in registry().items():
         if entry.target is None:
