@@ -248,7 +248,7 @@ class BasicTrainer:
         if "reference_logps" in batch:
             return batch["reference_logps"]
         if self.reference is None:
-            return torch.zeros(batch["input_ids"].shape[0], device=self.device)
+            return torch.zeros(batch["n_scored"].shape[0], device=self.device)  # one per sequence, whatever the layout
         return self.forward_logps(self.reference, batch)[0]
 
     def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

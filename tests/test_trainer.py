@@ -59,6 +59,19 @@ def test_sft_and_reference_free_build_no_reference(micro_trainer):
     assert micro_trainer("loss=ipo").reference is not None
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_reference_free_dpo_loss_in_both_layouts(micro_trainer, share_prompt):
+    """Without a reference the DPO loss is -logsigmoid(beta * (chosen - rejected)),
+    computed here from the policy's log-probs, whatever the batch layout."""
+    t = micro_trainer("loss=dpo", "loss.reference_free=true", f"share_prompt={str(share_prompt).lower()}")
+    batch = t.collate(t.eval_examples[:4])
+    with torch.no_grad():
+        loss, _ = t.batch_metrics(batch, "eval")
+        logps, _ = t.forward_logps(t.policy, batch)
+    expected = -torch.nn.functional.logsigmoid(t.loss.beta * (logps[:4] - logps[4:])).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
 TRAIN_KEYS = {"step", "examples", "loss/train", "rewards_train/chosen", "rewards_train/rejected",
               "rewards_train/accuracies", "rewards_train/margins", "logps_train/chosen", "logps_train/rejected",
               "grad_norm", "lr", "tokens_per_s", "memory/params_bytes", "memory/grads_bytes",
