@@ -434,15 +434,16 @@ def run_block_in_subprocess(who: str, args, peak: float, extra: list[str] = ()) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare_variants(args, peak: float) -> list[dict]:
-    """Each variant once per round, in fresh processes, the order reversed
-    every other round (A B C, C B A, ...) so that drifting machine speed
-    hits all alike."""
+def run_interleaved(args, peak: float, blocks: list[tuple[str, str]]) -> list[dict]:
+    """Each block (who: "trl" or "ours", variant: extra overrides) once per
+    round, in fresh processes, the order reversed every other round (A B C,
+    C B A, ...) so that drifting machine speed hits all alike. Labelled
+    "<variant, or trl/prefopt> #<round>"."""
     results = []
     for i in range(args.rounds):
-        for variant in (args.variant if i % 2 == 0 else args.variant[::-1]):
-            r = run_block_in_subprocess("ours", args, peak, variant.split())
-            r["label"] = f"{variant or '(as given)'} #{i + 1}"
+        for who, variant in (blocks if i % 2 == 0 else blocks[::-1]):
+            r = run_block_in_subprocess(who, args, peak, variant.split())
+            r["label"] = f"{variant or r['label']} #{i + 1}"
             r["variant"] = variant
             results.append(r)
             print(f"{r['label']}: {r['tokens_per_s']:,.0f} tokens/s, other CPU {r['other_cpu_pct']}%", file=sys.stderr)
@@ -478,7 +479,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size preset for model=tiny")
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer on the same setup")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="--vs-trl: rounds of (TRL, ours) in ABBA order; the median of each is reported")
+                        help="--vs-trl / --variant: rounds of the blocks in ABBA order; the median of each is reported")
     parser.add_argument("--trl-compile", choices=["true", "false"], default=None,
                         help="--vs-trl: TrainingArguments.torch_compile for TRL (default: as our compile=, "
                              "except with precomputed reference log-probs, which TRL 1.16 cannot compile)")
@@ -528,17 +529,9 @@ def main(argv=None) -> None:
         peak, peak_what = measure_peak_gflops(device, args.peak_size)
         results = []
         if args.variant:
-            results = compare_variants(args, peak)
+            results = run_interleaved(args, peak, [("ours", variant) for variant in args.variant])
         elif args.vs_trl:
-            order = []
-            for i in range(args.rounds):
-                order += ["trl", "ours"] if i % 2 == 0 else ["ours", "trl"]
-            for who in order:
-                r = run_block_in_subprocess(who, args, peak)
-                r["label"] += f" #{sum(x['label'].startswith(r['label']) for x in results) + 1}"
-                results.append(r)
-                print(f"{r['label']}: {r['tokens_per_s']:,.0f} tokens/s, other CPU {r['other_cpu_pct']}%",
-                      file=sys.stderr)
+            results = run_interleaved(args, peak, [("trl", ""), ("ours", "")])
         else:
             results.append(run_ours(overrides, args.steps, args.warmup, peak))
         peak_after, _ = measure_peak_gflops(device, args.peak_size)

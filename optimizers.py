@@ -30,6 +30,7 @@ import inspect
 import io
 import logging
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,6 +96,17 @@ def _build_adam_mini(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> 
     return build_adam_mini(model, decay_embeddings=decay_embeddings, **kwargs)
 
 
+def _init_wrapper(optimizer: torch.optim.Optimizer, defaults: dict, param_groups: list) -> None:
+    """What torch.optim.Optimizer.__init__ sets up, for an optimizer that
+    wraps others and shares their param_groups (it must not copy them, or an
+    LR schedule would not reach the inner optimizers): defaults, groups and
+    the hook registries (register_step_pre_hook etc. keep working)."""
+    optimizer.defaults, optimizer.param_groups = defaults, param_groups
+    optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks = {}, {}
+    optimizer._optimizer_state_dict_pre_hooks, optimizer._optimizer_state_dict_post_hooks = {}, {}
+    optimizer._optimizer_load_state_dict_pre_hooks, optimizer._optimizer_load_state_dict_post_hooks = {}, {}
+
+
 class OptimizerPair(torch.optim.Optimizer):
     """Two optimizers over disjoint parameters that act as one: one step, one
     zero_grad, one state_dict, one `state` (for exact memory accounting), and
@@ -102,11 +114,7 @@ class OptimizerPair(torch.optim.Optimizer):
 
     def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer):
         self.parts = (first, second)
-        self.defaults = {}
-        self.param_groups = first.param_groups + second.param_groups
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
-        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        _init_wrapper(self, {}, first.param_groups + second.param_groups)
 
     @property
     def state(self):
@@ -180,14 +188,25 @@ def _quiet_import(module: str):
         return importlib.import_module(module)
 
 
+def _package_entries(module: str, names: dict[str, str], pip_name: str | None = None) -> dict[str, OptimizerEntry]:
+    """Entries for an optional package's optimizer classes: our name -> the
+    class's (dotted) path in `module`. Without the package, each name is
+    refused with the pip command that installs it."""
+    try:
+        package = _quiet_import(module)
+    except ImportError:
+        return {name: _missing(name, module.split(".")[0], pip_name) for name in names}
+    entries = {}
+    for name, path in names.items():
+        with contextlib.suppress(AttributeError):   # a class this version of the package lacks
+            cls = operator.attrgetter(path)(package)
+            entries[name] = OptimizerEntry(name, cls, _build_with_groups(cls))
+    return entries
+
+
 @functools.cache
 def _bitsandbytes_entries() -> dict[str, OptimizerEntry]:
-    try:
-        bnb = _quiet_import("bitsandbytes")
-    except ImportError:
-        return {name: _missing(name, "bitsandbytes") for name in BNB_NAMES}
-    return {name: OptimizerEntry(name, getattr(bnb.optim, name), _build_with_groups(getattr(bnb.optim, name)))
-            for name in BNB_NAMES if hasattr(bnb.optim, name)}
+    return _package_entries("bitsandbytes", {name: f"optim.{name}" for name in BNB_NAMES})
 
 
 # ---------------------------------------------------------------- torchao
@@ -197,12 +216,7 @@ TORCHAO_NAMES = {"AdamW4bit": "AdamW4bit", "AdamW8bitAO": "AdamW8bit", "AdamWFp8
 
 @functools.cache
 def _torchao_entries() -> dict[str, OptimizerEntry]:
-    try:
-        optim = _quiet_import("torchao.optim")
-    except ImportError:
-        return {name: _missing(name, "torchao", "torchao==0.18.0") for name in TORCHAO_NAMES}
-    return {name: OptimizerEntry(name, getattr(optim, attr), _build_with_groups(getattr(optim, attr)))
-            for name, attr in TORCHAO_NAMES.items() if hasattr(optim, attr)}
+    return _package_entries("torchao.optim", TORCHAO_NAMES, "torchao==0.18.0")
 
 
 # ---------------------------------------------------------------- pytorch_optimizer
@@ -416,10 +430,7 @@ class OffloadedOptimizer(torch.optim.Optimizer):
                 self.pairs.append((p, master))
                 masters.append(master)
             group["params"] = masters
-        self.defaults, self.param_groups = inner.defaults, inner.param_groups
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
-        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        _init_wrapper(self, inner.defaults, inner.param_groups)
 
     @property
     def state(self):

@@ -271,6 +271,9 @@ def _collate_separate(prompts: list[list[int]], responses: list[list[int]], pad_
             "n_scored": scored.sum(-1)}
 
 
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3   # what a position of a shared row holds
+
+
 def _collate_shared(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     b = len(examples)
     length = max(len(ex.prompt) + len(ex.chosen) + len(ex.rejected) for ex in examples)
@@ -301,9 +304,6 @@ def _collate_shared(examples: list[TokenizedExample], pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
             "score_rows": torch.tensor(rows, dtype=torch.long), "score_targets": torch.tensor(targets, dtype=torch.long),
             "score_seq": torch.tensor(seqs, dtype=torch.long), "n_scored": torch.tensor(n_scored[0] + n_scored[1])}
-
-
-_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -217,8 +217,9 @@ class BasicTrainer:
 
     # ------------------------------------------------------------ the math
     def batch_metrics(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict]:
-        """Loss and metrics of one micro-batch. For preference losses the batch
-        holds B chosen rows then B rejected rows: one forward pass for both."""
+        """Loss and metrics of one micro-batch. For preference losses one forward
+        pass serves chosen and rejected: its log-probs are the B chosen
+        sequences then the B rejected ones, whatever the layout (collate)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         logps, n_tokens = self.forward_logps(self.policy, batch)
         if not self.loss.is_preference:

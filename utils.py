@@ -58,8 +58,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------
-# Exact memory accounting. Everything is counted from live tensors, one
-# storage at a time, so views and tied weights are never counted twice.
+# CPU allocator.
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -88,6 +87,10 @@ def keep_cpu_memory() -> bool:
     return all(mallopt(key, value) == 1 for key, value in settings)
 
 
+# ----------------------------------------------------------------------------
+# Exact memory accounting. Everything is counted from live tensors, one
+# storage at a time, so views and tied weights are never counted twice.
+
 def _storage_key(t: torch.Tensor):
     s = t.untyped_storage()
     return (t.device, s.data_ptr())
@@ -95,14 +98,18 @@ def _storage_key(t: torch.Tensor):
 
 def tensor_bytes(tensors) -> int:
     """Bytes held by the storages behind `tensors`, each storage counted once."""
-    seen, total = set(), 0
-    for t in (inner for value in tensors for inner in _tensors_in(value)):
+    seen = set()
+    return sum(nbytes for value in tensors for nbytes in _new_storage_bytes(value, seen))
+
+
+def _new_storage_bytes(value, seen: set):
+    """nbytes of each storage behind `value` (a tensor, or lists/dicts of them)
+    not already in `seen`, which is updated."""
+    for t in _tensors_in(value):
         key = _storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
+        if key not in seen:
+            seen.add(key)
+            yield t.untyped_storage().nbytes()
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, int]]:
@@ -115,12 +122,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, dict[s
     for key, state in optimizer.state.items():
         items = state.items() if isinstance(state, dict) else [(key if isinstance(key, str) else "other", state)]
         for name, value in items:
-            for t in _tensors_in(value):
-                storage = _storage_key(t)
-                if storage in seen:
-                    continue
-                seen.add(storage)
-                per_name[name] = per_name.get(name, 0) + t.untyped_storage().nbytes()
+            for nbytes in _new_storage_bytes(value, seen):
+                per_name[name] = per_name.get(name, 0) + nbytes
     return sum(per_name.values()), per_name
 
 
