@@ -3,7 +3,8 @@
 A checkpoint is <run_dir>/checkpoints/step-<n>/ holding
   model.safetensors, config.json, tokenizer files   the Hugging Face export
   training_state.pt   optimizer, scheduler, counters, RNG, data position
-  prefopt_state.json  {"step", "examples"}, human-readable
+  prefopt_state.json  {"step", "examples", "world_size"}, human-readable
+  run_config.yaml     the resolved config of the run at that step
 and <run_dir>/checkpoints/LATEST names the newest. Directories are written
 under a temporary name and renamed (utils.atomic_directory), so a step-<n>
 directory is either complete or absent; a damaged one (disk error, manual
@@ -20,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import ConfigError, atomic_write_text
+import rundir
+from utils import ConfigError, TrainingError, atomic_write_text
 
 STATE_FILE = "training_state.pt"
+CONFIG_FILE = "run_config.yaml"   # the resolved config the run had when it wrote the checkpoint
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -46,11 +49,37 @@ def write_latest(run_dir: Path, ckpt: Path) -> None:
     atomic_write_text(checkpoint_root(run_dir) / "LATEST", ckpt.name + "\n")
 
 
+def begin_save(run_dir: Path, step: int) -> Path:
+    """The folder for step `step`'s checkpoint, recorded in the run's manifest
+    before anything is written. A folder of that name that this run did not
+    write is never replaced."""
+    final = checkpoint_root(run_dir) / f"step-{step}"
+    if final.exists() and final.name not in rundir.own_checkpoints(run_dir):
+        raise TrainingError(f"{final} exists and was not written by this run; it was left as it is and no "
+                            "checkpoint was saved: move it away and resume")
+    rundir.record_checkpoint(run_dir, final.name)
+    return final
+
+
+def finish_save(run_dir: Path, final: Path, keep_last: int) -> None:
+    """After the folder is complete: point LATEST at it, then prune."""
+    write_latest(run_dir, final)
+    prune(run_dir, keep_last)
+
+
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints (0 keeps all)."""
-    if keep_last and keep_last > 0:
-        for old in list_checkpoints(run_dir)[keep_last:]:
-            shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all). Only
+    checkpoints this run wrote are candidates, and never the one LATEST names."""
+    if not keep_last or keep_last <= 0:
+        return
+    own = rundir.own_checkpoints(run_dir)
+    latest = checkpoint_root(run_dir) / "LATEST"
+    protected = latest.read_text().strip() if latest.is_file() else None
+    mine = [c for c in list_checkpoints(run_dir) if c.name in own]
+    old = [c for c in mine[keep_last:] if c.name != protected]
+    for ckpt in old:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    rundir.forget_checkpoints(run_dir, [c.name for c in old])
 
 
 # ----------------------------------------------------------------------------
@@ -96,6 +125,11 @@ def is_loadable(ckpt: Path) -> str | None:
         load_model_weights(ckpt)
         load_state_file(ckpt)
         json.loads((ckpt / "prefopt_state.json").read_text())
+        sharded = ckpt / "dcp" / ".metadata"   # trainer=fsdp: its index, read without unrestricted pickle
+        if sharded.is_file():
+            import safe_dcp
+
+            safe_dcp.read_metadata(sharded)
         return None
     except Exception as e:  # any damage: truncated file, bad header, missing file
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -104,7 +138,8 @@ def is_loadable(ckpt: Path) -> str | None:
 def find_resumable(run_dir: Path, warn) -> Path:
     """The newest checkpoint that loads, starting from LATEST. Damaged ones
     are reported through `warn` and skipped."""
-    candidates = list_checkpoints(run_dir)
+    own = rundir.own_checkpoints(run_dir)
+    candidates = [c for c in list_checkpoints(run_dir) if c.name in own]
     latest = checkpoint_root(run_dir) / "LATEST"
     if latest.is_file():
         named = checkpoint_root(run_dir) / latest.read_text().strip()
@@ -122,10 +157,21 @@ def find_resumable(run_dir: Path, warn) -> Path:
                       "start a new run (without resume=true) or restore a checkpoint")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int, warn) -> None:
     """Drop the lines a killed run wrote after the checkpoint it resumes from,
-    so that metrics.jsonl reads as one uninterrupted run."""
+    so that metrics.jsonl reads as one uninterrupted run. A line cut short (the
+    process died, or the disk filled, mid-write) is dropped with a warning."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += bool(line.strip())
+            continue
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            kept.append(line)
+    if torn:
+        warn(f"warning: {path} had {torn} unreadable line(s) (cut short by a crash or a full disk); dropped")
     atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -20,7 +20,8 @@ last `n_eval` rows of `path` held out; if `path` is null, the hub dataset
 `dataset.hub` (its `hub_train_split` / `hub_eval_split`). `n_train` caps the
 train rows. Errors are `ConfigError`s naming the file, the row and the field.
 
-Strictness: a user's own rows must have a non-empty prompt and non-empty
+Strictness: every text must be valid Unicode (no lone UTF-16 surrogate from
+a JSON escape); a user's own rows must have a non-empty prompt and non-empty
 responses. In the public formats the source fields must be present, of the
 right type and non-empty, but a response that is empty once the prompt is cut
 off (an HH transcript ending in "Assistant:") is kept, as the reference repo
@@ -120,13 +121,26 @@ def _field(row: Mapping, name: str, where: str, hint: str):
     return row[name]
 
 
+def _unicode(value: str, what: str) -> str:
+    """`value` if it is valid Unicode text. JSON's "\\ud800" escape gives a
+    lone UTF-16 surrogate, which json.loads accepts but no tokenizer can encode
+    (a TypeError deep inside `tokenizers`); `what` starts the error message."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        raise ConfigError(f"{what} holds a lone UTF-16 surrogate (\\u{code:04x} at character {e.start + 1}), which is "
+                          "not text; fix that JSON escape (surrogates come in high-low pairs) or drop the row") from None
+    return value
+
+
 def _text(row: Mapping, name: str, where: str, hint: str) -> str:
     value = _field(row, name, where, hint)
     if not isinstance(value, str):
         raise ConfigError(f'{where}: field "{name}" must be a string, got {_json_type(value)}; {hint}')
     if not value.strip():
         raise ConfigError(f'{where}: field "{name}" is empty; {hint}')
-    return value
+    return _unicode(value, f'{where}: field "{name}"')
 
 
 def _messages(value, name: str, where: str, hint: str) -> list[dict[str, str]]:
@@ -146,7 +160,7 @@ def _messages(value, name: str, where: str, hint: str) -> list[dict[str, str]]:
             raise ConfigError(f'{at} has role {_show(role)}; use "system", "user" or "assistant"')
         if not isinstance(content, str):
             raise ConfigError(f'{at}: "content" must be a string, got {_json_type(content)}')
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _unicode(content, f'{at}: "content"')})
     return out
 
 

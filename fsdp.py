@@ -49,6 +49,7 @@ from omegaconf import OmegaConf
 
 import checkpoints
 import optimizers
+import rundir
 from trainers import BasicTrainer
 from utils import (ConfigError, atomic_directory, atomic_write_text, optimizer_state_bytes, resolve_device,
                    resolve_dtype, tensor_bytes)
@@ -300,16 +301,19 @@ class FSDPTrainer(BasicTrainer):
         """Global L2 norm of the sharded gradients (one all_reduce of the local
         sum of squares), then the same clipping as torch.nn.utils.clip_grad_norm_."""
         grads = [local(p.grad) for p in self.policy.parameters() if p.grad is not None]
-        if grads:
-            sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
-        else:
-            sq = torch.zeros((), device=self.device)
-        dist.all_reduce(sq)
-        total = sq.sqrt()
+        total = self.global_norm(grads)
         if self.cfg.max_grad_norm and grads:
             coef = torch.clamp(self.cfg.max_grad_norm / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return total
+
+    def global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """L2 norm over every rank's shards: one all_reduce of the local sum of squares."""
+        shards = [local(t).detach() for t in tensors]
+        sq = (torch.stack(torch._foreach_norm(shards)).float().square().sum() if shards
+              else torch.zeros((), device=self.device))
+        dist.all_reduce(sq)
+        return sq.sqrt()
 
     def memory_metrics(self) -> dict[str, int]:
         """Bytes of this rank's shards, summed over ranks (`memory/<x>_bytes`)
@@ -365,14 +369,13 @@ class FSDPTrainer(BasicTrainer):
                        f"{self.world_size}: weights, optimizer state and data position are resharded, but the RNG "
                        "streams and a partly filled log window are not restored exactly")
 
-    def save_checkpoint(self) -> Path:
+    def write_checkpoint(self, final: Path) -> None:
         """All ranks write into rank 0's temporary directory (sharded model and
         optimizer with torch.distributed.checkpoint, their training state),
         rank 0 adds the Hugging Face export; after a barrier rank 0 fsyncs and
-        renames it, then replaces LATEST and prunes, as checkpoints.py does."""
+        renames it (the base class then replaces LATEST and prunes)."""
         import torch.distributed.checkpoint as dcp
 
-        final = checkpoints.checkpoint_root(self.run_dir) / f"step-{self.step}"
         with atomic_directory(final) if self.is_main else contextlib.nullcontext() as tmp:
             tmp = Path(broadcast_object(str(tmp) if self.is_main else None))
             self.save_model(tmp)
@@ -380,32 +383,28 @@ class FSDPTrainer(BasicTrainer):
             state_file = tmp / (checkpoints.STATE_FILE if self.is_main else RANK_STATE.format(self.rank))
             torch.save(self.training_state(), state_file)
             if self.is_main:
-                atomic_write_text(tmp / "prefopt_state.json", json.dumps(
-                    {"step": self.step, "examples": self.examples, "world_size": self.world_size}))
+                self.write_run_record(tmp)
             dist.barrier()  # every rank's files are in tmp before rank 0 fsyncs and renames it
-        if self.is_main:
-            checkpoints.write_latest(self.run_dir, final)
-            checkpoints.prune(self.run_dir, self.cfg.keep_last)
         dist.barrier()
-        return final
 
     def load_checkpoint(self, ckpt: Path) -> None:
-        import torch.distributed.checkpoint as dcp
+        import safe_dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         if not (ckpt / DCP_DIR / ".metadata").is_file():
             raise ConfigError(f"{ckpt} has no sharded state ({DCP_DIR}/): it was written by trainer=basic. Resume it "
                               f"with trainer=basic, or start from its weights with model.archive={ckpt}")
         state = self._sharded_state()
-        dcp.load(state, checkpoint_id=ckpt / DCP_DIR)
+        safe_dcp.load(state, ckpt / DCP_DIR)  # dcp.load without unrestricted unpickling
         # optimizer first: torch may initialise an empty optimizer state with a zero-lr step
         set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         set_model_state_dict(self.policy, state["model"])
         mine = ckpt / RANK_STATE.format(self.rank)
         own = mine if self.rank and mine.is_file() else ckpt / checkpoints.STATE_FILE
         self.load_training_state(torch.load(own, map_location="cpu", weights_only=True))
+        self.check_resumed_step(ckpt)
         if self.is_main:
-            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step, self.print)
         self.print(f"resumed from {ckpt} at step {self.step} ({self.world_size} ranks)")
         dist.barrier()
 
@@ -514,19 +513,31 @@ def requested_nproc(nproc, device: torch.device) -> int:
     return nproc
 
 
+# torch.distributed.run, except that a worker's failure ends it with the
+# worker's exit status and no launcher traceback: the worker has already said
+# what went wrong in one line.
+_LAUNCHER = """import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    code = e.get_first_failure()[1].exitcode
+    sys.exit(code if code > 0 else 128 - code)
+"""
+
+
 def relaunch(nproc: int, run_dir: Path) -> None:
     """Start `nproc` copies of this command under torch.distributed.run (what
     `torchrun --standalone --nproc_per_node=<nproc>` does), all with this run's
     run_dir, wait for them and exit with their status."""
-    overrides = _this_jobs_overrides()
-    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "run_dir"]
-    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    overrides = [o for o in rundir.this_jobs_overrides() if o.lstrip("+~").split("=", 1)[0] != "run_dir"]
     script = os.path.abspath(sys.argv[0])
     if not script.endswith(".py"):
         raise ConfigError(f"trainer.nproc={nproc} starts the processes from train.py; run "
                           f"torchrun --nproc_per_node={nproc} train.py trainer=fsdp ... instead")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           script, *overrides, f"run_dir='{quoted}'"]
+    cmd = [sys.executable, "-c", _LAUNCHER, "--standalone", f"--nproc_per_node={nproc}",
+           script, *overrides, rundir.run_dir_override(run_dir)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"trainer=fsdp: starting {nproc} processes (torchrun --standalone --nproc_per_node={nproc})",
@@ -544,15 +555,6 @@ def relaunch(nproc: int, run_dir: Path) -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
     raise SystemExit(code)
-
-
-def _this_jobs_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)  # in a sweep: this job's values only
-    except ValueError:  # not inside @hydra.main
-        return [a for a in sys.argv[1:] if not a.startswith("-")]
 
 
 # ----------------------------------------------------------------------------

@@ -14,6 +14,12 @@ Tokenization follows the reference DPO repo: the prompt is truncated first
 (to `max_prompt_length`), then the responses (to fit `max_length`); prompt
 tokens are masked out of the loss with label -100; EOS ends each response.
 Batches are padded to their own longest sequence, not to max_length.
+`data.add_bos` (see `tokenize_rows`) decides whether the prompt starts with
+the tokenizer's BOS token; the default follows the tokenizer, as TRL does.
+
+Data that cannot teach is caught before training (`drop_identical_pairs`,
+`split_overlap_warning`); text that is not valid Unicode (a lone UTF-16
+surrogate from a JSON escape) is a bad row, caught by the parsers.
 """
 from __future__ import annotations
 
@@ -163,6 +169,17 @@ def get_examples(cfg, split: str, bad_rows: BadRows | None = None) -> list[Prefe
 # ----------------------------------------------------------------------------
 # Tokenization.
 
+def _chat_template_on(tokenizer, dataset_cfg) -> bool:
+    """Does `dataset.chat_template` render prompts with this tokenizer?"""
+    mode = dataset_cfg.get("chat_template", False)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "auto":
+        return has_template
+    if mode and not has_template:
+        raise ConfigError("dataset.chat_template=true but the tokenizer has no chat template; use false or auto")
+    return bool(mode)
+
+
 def apply_chat_template(rows: list[PreferenceExample], tokenizer, dataset_cfg) -> list[PreferenceExample]:
     """`dataset.chat_template`: true renders each prompt as one user turn (after
     `dataset.system_prompt`, if set) with the tokenizer's chat template, ending
@@ -171,14 +188,8 @@ def apply_chat_template(rows: list[PreferenceExample], tokenizer, dataset_cfg) -
     such models is the end-of-turn token (<|im_end|>). `auto` does so when the
     tokenizer has a template (a GGUF or HF tokenizer) and not for the byte
     tokenizer; false (the default) keeps prompts as plain text."""
-    mode = dataset_cfg.get("chat_template", False)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if mode == "auto":
-        mode = has_template
-    if not mode:
+    if not _chat_template_on(tokenizer, dataset_cfg):
         return rows
-    if not has_template:
-        raise ConfigError("dataset.chat_template=true but the tokenizer has no chat template; use false or auto")
     system = dataset_cfg.get("system_prompt")
     head = [{"role": "system", "content": system}] if system else []
 
@@ -198,17 +209,145 @@ class TokenizedExample:
 
 
 def tokenize_example(ex: PreferenceExample, tokenizer, max_length: int, max_prompt_length: int,
-                     truncation_mode: str = "keep_end") -> TokenizedExample:
+                     truncation_mode: str = "keep_end", bos_id: int | None = None) -> TokenizedExample:
+    """Prompt and response token ids, EOS after each response, truncated to
+    fit `max_length` (see the module docstring).
+
+    `bos_id`: None tokenizes the prompt as it is (no special tokens, the
+    reference repo). A token id makes the prompt start with that token exactly
+    once: it is prepended unless the text already starts with it (a chat
+    template that writes BOS), and truncation never cuts it off: `keep_end`
+    keeps BOS and the end of the prompt."""
     prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
     responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                  for r in (ex.chosen, ex.rejected) if r is not None]
+    head = []
+    if bos_id is not None:
+        head, prompt = [bos_id], (prompt[1:] if prompt[:1] == [bos_id] else prompt)
     longest = max(len(r) for r in responses)
-    if len(prompt) + longest > max_length:
+    if len(head) + len(prompt) + longest > max_length:
         # keep_end keeps the last turns of a dialogue (HH); keep_start the task statement.
-        prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
+        room = max(0, max_prompt_length - len(head))
+        prompt = prompt[len(prompt) - room:] if truncation_mode == "keep_end" and room < len(prompt) else prompt[:room]
+    prompt = head + prompt
     if len(prompt) + longest > max_length:
         responses = [r[: max_length - len(prompt)] for r in responses]
     return TokenizedExample(prompt, responses[0], responses[1] if len(responses) > 1 else None)
+
+
+ADD_BOS = ("auto", "always", "never")
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Does the tokenizer's own convention put BOS first? (Llama's and most
+    pretrained tokenizers do; GPT-2's, SmolLM2's and the byte tokenizer don't.)
+    Asked of the tokenizer itself: `add_bos_token` attributes are not reliable
+    across tokenizer classes."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def add_bos_mode(value) -> str:
+    """`data.add_bos` as one of ADD_BOS (true/false from Python mean always/never)."""
+    mode = "auto" if value is None else {True: "always", False: "never"}[value] if isinstance(value, bool) else value
+    if mode not in ADD_BOS:
+        raise ConfigError(f"data.add_bos={value} is not one of {', '.join(ADD_BOS)}")
+    return mode
+
+
+def prompt_bos(tokenizer, add_bos="auto") -> int | None:
+    """The BOS id that prompts start with under `data.add_bos`, or None."""
+    mode = add_bos_mode(add_bos)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "always" and bos is None:
+        raise ConfigError("data.add_bos=always but the tokenizer has no BOS token; use auto or never")
+    if mode == "never" or (mode == "auto" and not tokenizer_adds_bos(tokenizer)):
+        return None
+    return bos
+
+
+def tokenize_rows(rows: list[PreferenceExample], tokenizer, cfg) -> list[TokenizedExample]:
+    """Rows as the trainer tokenizes them: `dataset.chat_template`, then
+    `tokenize_example` with the run's lengths, `dataset.truncation_mode` and
+    `data.add_bos`:
+      auto    the tokenizer's convention, as Hugging Face TRL follows it: a
+              plain-text prompt starts with BOS exactly when `tokenizer("x")`
+              (special tokens on) starts with BOS, once even if the text
+              already begins with it. A chat-templated prompt keeps what the
+              template wrote (a template writes every special token its model
+              needs; TRL tokenizes conversations with the template alone). For
+              the byte tokenizer and SmolLM2's (neither adds BOS) nothing changes.
+      always  BOS first in every prompt (once), whatever the tokenizer does.
+      never   no special tokens in prompts: the reference DPO repo.
+    A BOS put first this way survives keep_end truncation."""
+    mode = add_bos_mode((cfg.get("data") or {}).get("add_bos", "auto"))
+    bos = prompt_bos(tokenizer, mode)
+    template_decides = mode == "auto" and _chat_template_on(tokenizer, cfg.dataset)
+    rows = apply_chat_template(rows, tokenizer, cfg.dataset)
+    truncation = cfg.dataset.get("truncation_mode", "keep_end")
+
+    def bos_of(prompt: str) -> int | None:
+        written = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+        return None if template_decides and not written else bos
+
+    return [tokenize_example(r, tokenizer, cfg.max_length, cfg.max_prompt_length, truncation, bos_of(r.prompt))
+            for r in rows]
+
+
+# ----------------------------------------------------------------------------
+# Data that cannot teach.
+
+def drop_identical_pairs(train: list[TokenizedExample], eval_examples: list[TokenizedExample] = (),
+                         max_length: int | None = None) -> tuple[list[TokenizedExample], str | None]:
+    """(the train pairs whose chosen and rejected token ids differ, a one-line
+    warning or None). Compared as token ids after truncation, i.e. exactly what
+    the model scores: identical strings, strings the tokenizer normalizes to
+    the same ids, and responses that differ only past `max_length` all count.
+    Such a pair has zero gradient under every preference loss (the two
+    log-probabilities are the same function of the weights), so it only
+    dilutes its batch: it is dropped. Eval pairs are counted, not dropped
+    (eval rows stay aligned with the generations graded on them).
+    Every train pair identical is a ConfigError: the run could not learn."""
+    def same(ex):
+        return ex.rejected is not None and ex.chosen == ex.rejected
+
+    kept = [ex for ex in train if not same(ex)]
+    n_same, n_eval_same = len(train) - len(kept), sum(map(same, eval_examples))
+    what = "compared as token ids" + (f", after truncation to max_length={max_length}" if max_length else "")
+    if train and not kept:
+        raise ConfigError(f"all {len(train)} train pairs have chosen == rejected ({what}): a preference loss gets "
+                          "zero gradient from such a pair and cannot move (DPO stays at ln 2); check that "
+                          '"chosen" and "rejected" hold the two different responses, or train with loss=sft')
+    eval_note = (f"{n_eval_same} of {len(eval_examples)} eval pairs" if n_eval_same else "")
+    if n_same:
+        message = (f"warning: {n_same} of {len(train)} train pairs have chosen == rejected ({what}); dropped from "
+                   "training: such a pair has zero gradient and only dilutes its batch")
+        if eval_note:
+            message += f"; {eval_note} too (kept in eval, where they score a reward margin of about 0)"
+        return kept, message
+    if eval_note:
+        return kept, (f"warning: {eval_note} have chosen == rejected ({what}); kept in eval, where they score a "
+                      "reward margin of about 0 and lower rewards_eval/accuracies")
+    return kept, None
+
+
+def split_overlap_warning(train: list[PreferenceExample], eval_rows: list[PreferenceExample]) -> str | None:
+    """One warning line when eval rows share their prompt with a train row, or
+    None. The prompt is the key, not the whole pair: a model trained on a
+    prompt has learned what is preferred for it, whatever pair the eval row
+    holds, so eval then measures recall, not generalization (the bundled task
+    guarantees disjoint prompts for this reason). Exact duplicates (prompt,
+    chosen and rejected) are counted among them. Strings are compared exactly,
+    as loaded (before the chat template, which renders equal prompts equally)."""
+    prompts = {r.prompt for r in train}
+    pairs = {(r.prompt, r.chosen, r.rejected) for r in train}
+    shared = [r for r in eval_rows if r.prompt in prompts]
+    if not shared:
+        return None
+    exact = sum((r.prompt, r.chosen, r.rejected) in pairs for r in shared)
+    return (f"warning: {len(shared)} of {len(eval_rows)} eval rows share their prompt with a train row "
+            f"({exact} of them the same prompt, chosen and rejected): eval on them measures recall of training "
+            "data, not generalization; deduplicate the file or pass dataset.eval_path=<rows with other prompts>")
 
 
 def _pad(seqs: list[list[int]], value: int, length: int, left: bool = False) -> torch.Tensor:

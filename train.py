@@ -7,15 +7,30 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
-import config_checks
-import optimizers
-import sweeps
-from utils import ConfigError, fail
+
+def _interrupted_during_setup(signum, frame):
+    # Ctrl-C outside the training loop (imports, config, model and data
+    # loading, shutdown): one line, not a traceback. The training loop installs
+    # its own handler, which finishes the step and saves a checkpoint first.
+    print("\nerror: interrupted (Ctrl-C) outside the training loop (setup or shutdown); nothing more was saved",
+          file=sys.stderr)
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_during_setup)
+
+import hydra  # noqa: E402  (after the handler: importing torch takes seconds)
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig  # noqa: E402
+
+import config_checks  # noqa: E402
+import optimizers  # noqa: E402
+import rundir  # noqa: E402
+import sweeps  # noqa: E402
+from utils import ConfigError, fail  # noqa: E402
 
 # Quiet by default: no transformers/tokenizers chatter, no wandb banner.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,6 +57,7 @@ def main(cfg: DictConfig) -> None:
 
             memory_plan.run(cfg, run_dir)
             return
+        rundir.claim_run_dir(cfg)   # refuse someone else's folder or a second run; lock; resume checks
         trainer = build_trainer(cfg, run_dir)
         trainer.setup()
         trainer.train()

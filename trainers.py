@@ -26,14 +26,16 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import checkpoints
+import rundir
+from divergence import DivergenceGuard
 from losses import build_loss, gathered_logps, preference_loss, sft_loss
 from models import build_model, build_tokenizer
 from optimizers import build_optimizer, build_scheduler
-from preference_datasets import (BadRows, BatchStream, apply_chat_template, collate, collate_prompts, get_examples,
-                                 tokenize_example)
+from preference_datasets import (BadRows, BatchStream, collate, collate_prompts, drop_identical_pairs, get_examples,
+                                 split_overlap_warning, tokenize_rows)
 from sparsity import UpdateSparsity
-from utils import (ConfigError, TrainingError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text, keep_cpu_memory,
-                   optimizer_state_bytes, resolve_device, resolve_dtype, set_seed, tensor_bytes)
+from utils import (ConfigError, TrainingError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text, disk_full_message,
+                   keep_cpu_memory, optimizer_state_bytes, resolve_device, resolve_dtype, set_seed, tensor_bytes)
 
 
 class BasicTrainer:
@@ -67,8 +69,11 @@ class BasicTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.warmup_steps, cfg.max_steps)
         self.memory = PeakMemory(self.device)
         self.window = defaultdict(list)   # train metrics since the last log, kept on the device
+        self.divergence = DivergenceGuard(cfg.get("divergence") or {})
         if cfg.resume:
             self.load_checkpoint(checkpoints.find_resumable(self.run_dir, self.print))
+        if self.divergence.enabled and self.divergence.start_norm is None:
+            self.divergence.check_norm(self.parameter_norm())   # the reference: the weights the run starts from
         self.logger = self._setup_logger() if self.is_main else None
         self.sparsity = UpdateSparsity.from_config(cfg, self._unwrapped(self.policy))  # None unless metrics.update_sparsity
 
@@ -81,6 +86,9 @@ class BasicTrainer:
             self.print(f"skipped {bad_rows.count} malformed rows (data.skip_bad_rows=true); first: {bad_rows.first}")
         if self.loss.is_preference and any(r.rejected is None for r in self.train_rows):
             raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of dataset={cfg.dataset.name}")
+        overlap = split_overlap_warning(self.train_rows, self.eval_rows)
+        if overlap:
+            self.print(overlap)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -90,14 +98,14 @@ class BasicTrainer:
                 f"={cfg.gradient_accumulation_steps} x world size {self.world_size}")
         self.micro_batch_size = cfg.batch_size // (cfg.gradient_accumulation_steps * self.world_size)
 
-        def tokenize(rows):
-            rows = apply_chat_template(rows, self.tokenizer, cfg.dataset)
-            return [tokenize_example(r, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                     cfg.dataset.get("truncation_mode", "keep_end")) for r in rows]
-
+        train = tokenize_rows(self.train_rows, self.tokenizer, cfg)   # chat template, data.add_bos, truncation
+        self.eval_examples = tokenize_rows(self.eval_rows, self.tokenizer, cfg)
+        if self.loss.is_preference:
+            train, warning = drop_identical_pairs(train, self.eval_examples, cfg.max_length)
+            if warning:
+                self.print(warning)
         # Each rank reads its own slice of every global batch.
-        self.train_stream = BatchStream(tokenize(self.train_rows), cfg.batch_size, cfg.seed)
-        self.eval_examples = tokenize(self.eval_rows)
+        self.train_stream = BatchStream(train, cfg.batch_size, cfg.seed)
 
     def _setup_policy(self) -> torch.nn.Module:
         policy = build_model(self.cfg.model, self.tokenizer, self.dtype, self.device)
@@ -147,9 +155,8 @@ class BasicTrainer:
     def _setup_logger(self) -> MetricsLogger:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-        return MetricsLogger(self.run_dir, cfg.wandb, resolved, cfg.wandb.name)
+        atomic_write_text(self.run_dir / "config.yaml", rundir.config_yaml_text(cfg, self.run_dir))
+        return MetricsLogger(self.run_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True), cfg.wandb.name)
 
     # ------------------------------------------------------ distributed hooks
     @property
@@ -195,6 +202,12 @@ class BasicTrainer:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """L2 norm of all `tensors` together (a sharded trainer sums over ranks)."""
+        if not tensors:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in tensors])).float())
 
     def memory_metrics(self) -> dict[str, int]:
         params = list(self.policy.parameters())
@@ -327,10 +340,34 @@ class BasicTrainer:
             self.window["skipped_steps"].append(torch.tensor(1.0))
             self.print(f"warning: non-finite gradient norm at step {self.step + 1}: update skipped (nonfinite=skip)")
             return
-        latest = checkpoints.checkpoint_root(self.run_dir) / "LATEST"
-        kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() else "no checkpoint was written yet"
         raise TrainingError(f"non-finite loss or gradient norm ({grad_norm.item()}) at step {self.step + 1}; the weights "
-                            f"were not updated and {kept}. Lower lr, add warmup_steps, or set nonfinite=skip")
+                            f"were not updated and {self.last_checkpoint()}. Lower lr, add warmup_steps, or set "
+                            "nonfinite=skip")
+
+    def last_checkpoint(self) -> str:
+        latest = checkpoints.checkpoint_root(self.run_dir) / "LATEST"
+        return (f"the last good checkpoint is {latest.read_text().strip()}" if latest.is_file()
+                else "no checkpoint was written yet")
+
+    def parameter_norm(self) -> float:
+        return self.global_norm(list(self.policy.parameters())).item()
+
+    def watch_divergence(self, loss: float | None = None) -> None:
+        """The divergence guard (divergence.py): at each log step and before
+        each checkpoint. Stops before a destroyed model is saved."""
+        if not self.divergence.enabled:
+            return
+        problem = self.divergence.check_norm(self.parameter_norm())
+        if problem is None and loss is not None:
+            problem = self.divergence.check_loss(loss)
+        if problem is None:
+            return
+        if self.divergence.action == "warn":
+            self.print(f"warning: training looks diverged at step {self.step}: {problem}")
+            return
+        raise TrainingError(f"training diverged at step {self.step}: {problem}; no checkpoint was written from these "
+                            f"weights and {self.last_checkpoint()}. Lower lr, add warmup_steps, or set "
+                            "divergence.action=warn")
 
     def train(self) -> None:
         progress = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main,
@@ -346,7 +383,7 @@ class BasicTrainer:
                 if self.stop_requested(stop) and self.step < self.cfg.max_steps:
                     self.save_checkpoint()
                     self.print(f"stopped by {stop.requested} at step {self.step}; checkpoint saved. Resume with: "
-                               f"python train.py {' '.join(sys.argv[1:])} run_dir={self.run_dir} resume=true")
+                               f"{rundir.resume_command(self.run_dir)}")
         finally:
             progress.close()
 
@@ -376,6 +413,7 @@ class BasicTrainer:
             metrics.update(self.sparsity.measure())   # since the last log step, then restart the window
         if self.is_main:
             self.logger.log(metrics)
+        self.watch_divergence(metrics.get("loss/train"))
         return metrics
 
     @torch.no_grad()
@@ -437,6 +475,7 @@ class BasicTrainer:
             "examples": self.examples,
             "data": self.train_stream.state(),
             "rng": checkpoints.rng_state(),
+            "divergence": self.divergence.state(),
             "window": {k: [torch.as_tensor(t).detach().cpu() for t in v] for k, v in self.window.items()},
         }
 
@@ -445,24 +484,56 @@ class BasicTrainer:
         self.step, self.examples = state["step"], state["examples"]
         self.train_stream.load_state(state["data"])
         checkpoints.set_rng_state(state["rng"])
+        if "divergence" in state:   # absent in checkpoints written before the guard existed
+            self.divergence.load_state(state["divergence"])
         self.window = defaultdict(list, {k: [t.item() if k == "_seconds" else t.to(self.device) for t in v]
                                          for k, v in state["window"].items()})
 
     def save_checkpoint(self) -> Path:
-        """<run_dir>/checkpoints/step-<n>/: the Hugging Face export plus the
-        training state, written to a temporary name, fsynced and renamed;
-        LATEST is replaced atomically after, then old ones are pruned."""
-        final = checkpoints.checkpoint_root(self.run_dir) / f"step-{self.step}"
+        """<run_dir>/checkpoints/step-<n>/, written whole or not at all: the
+        folder is recorded in the run's manifest, written under a temporary
+        name, fsynced and renamed; LATEST is replaced atomically after, then
+        old checkpoints of this run are pruned. A full disk is one line."""
         self.optimizer_mode("eval")   # schedule-free: the averaged weights are the model to export
+        self.watch_divergence()       # never save a destroyed model
+        final = checkpoints.checkpoint_root(self.run_dir) / f"step-{self.step}"
+        if self.is_main:
+            checkpoints.begin_save(self.run_dir, self.step)
+        try:
+            self.write_checkpoint(final)
+        except Exception as e:
+            if isinstance(e, ConfigError):
+                raise
+            self._report_full_disk(e, f"checkpoint {final.name}")
+            raise
+        if self.is_main:
+            checkpoints.finish_save(self.run_dir, final, self.cfg.keep_last)
+        return final
+
+    def write_checkpoint(self, final: Path) -> None:
+        """The files of one checkpoint: the Hugging Face export plus the training state."""
         if self.is_main:
             with atomic_directory(final) as tmp:
                 self.save_model(tmp)
                 torch.save(self.training_state(), tmp / checkpoints.STATE_FILE)
-                atomic_write_text(tmp / "prefopt_state.json",
-                                  json.dumps({"step": self.step, "examples": self.examples}))
-            checkpoints.write_latest(self.run_dir, final)
-            checkpoints.prune(self.run_dir, self.cfg.keep_last)
-        return final
+                self.write_run_record(tmp)
+
+    def write_run_record(self, directory: Path) -> None:
+        """What a person (and a resume's config check) reads in a checkpoint:
+        where the run was, and the config it ran with."""
+        atomic_write_text(directory / "prefopt_state.json", json.dumps(
+            {"step": self.step, "examples": self.examples, "world_size": self.world_size}))
+        atomic_write_text(directory / checkpoints.CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.to_container(self.cfg, resolve=True)))
+
+    def _report_full_disk(self, error: Exception, what: str) -> None:
+        """Turn a write that failed for lack of space into one line (exit 3)."""
+        previous = checkpoints.list_checkpoints(self.run_dir)
+        needed = (sum(f.stat().st_size for f in previous[0].rglob("*") if f.is_file()) if previous else  # like the last one
+                  tensor_bytes(self.policy.parameters()) + optimizer_state_bytes(self.optimizer)[0])
+        message = disk_full_message(error, self.run_dir, what, needed)
+        if message:
+            raise TrainingError(f"{message}; {self.last_checkpoint()} (intact). Free some space, then resume with: "
+                                f"{rundir.resume_command(self.run_dir)}") from None
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Resume: weights into the policy (the reference stays the starting
@@ -475,9 +546,15 @@ class BasicTrainer:
             raise ConfigError(f"checkpoint {ckpt} does not match the configured model "
                               f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
         self.load_training_state(checkpoints.load_state_file(ckpt))
+        self.check_resumed_step(ckpt)
         if self.is_main:
-            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step, self.print)
         self.print(f"resumed from {ckpt} at step {self.step}")
+
+    def check_resumed_step(self, ckpt: Path) -> None:
+        if self.step > self.cfg.max_steps:
+            raise ConfigError(f"{ckpt} is at step {self.step}, past max_steps={self.cfg.max_steps}; resume with "
+                              f"max_steps >= {self.step}")
 
     def print(self, message: str) -> None:
         if self.is_main:

@@ -233,7 +233,15 @@ class MetricsLogger:
             )
 
     def log(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
+        line = json.dumps(metrics) + "\n"
+        try:
+            self.file.write(line)
+        except OSError as e:
+            message = disk_full_message(e, self.path, "a line of metrics.jsonl", len(line))
+            if message is None:
+                raise
+            raise TrainingError(f"{message}; the checkpoints are intact: free some space and resume with "
+                                "resume=true (a line cut short is dropped on resume)") from None
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=metrics["step"])
 
@@ -241,6 +249,27 @@ class MetricsLogger:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def disk_full_message(error: BaseException, path: str | Path, what: str, needed_bytes: int) -> str | None:
+    """One line for a write that failed because the disk is full, else None.
+    The libraries that write checkpoints report a full disk in their own words
+    (safetensors: "No space left on device"; torch.save: "[enforce fail at
+    inline_container.cc...]" with no errno), so a failed write also counts as
+    disk-full when the space left is less than what it needed."""
+    import errno
+
+    path = Path(path).absolute()
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    full = (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+            or free < needed_bytes)
+    if not full:
+        return None
+    mount = path
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return (f"disk full: writing {what} to {path} failed; the disk mounted at {mount} has {free / 2**20:.1f} MiB "
+            f"free and this needs about {needed_bytes / 2**20:.1f} MiB")
 
 
 def fail(message: str, code: int = 2) -> None:
