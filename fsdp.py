@@ -248,7 +248,7 @@ class FSDPTrainer(BasicTrainer):
         sharded_cls = with_summed_block_stats(cls)
 
         def build(named_local):
-            inner = sharded_cls(named_local, roles, **kwargs)
+            inner = sharded_cls(named_local, roles, decay_embeddings=cfg.decay_embeddings, **kwargs)
             inner.process_group = self.mesh.get_group()
             got = {n: blocks_of(lay) for n, lay in inner.layouts.items()}
             if got != expected:

@@ -404,3 +404,48 @@ def test_fused_decayed_step_is_adamw_style_decay_in_one_pass():
         ref_p -= s * m
         torch.testing.assert_close(p, ref_p, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(b - shift * p, m, rtol=1e-10, atol=1e-13)
+
+
+def test_state_dict_round_trip_on_the_fused_decayed_path():
+    """Checkpoints of tensors big enough for the CPU fused path: there, with
+    weight decay, exp_avg holds m + decay_shift * p (see _fused_decayed_step),
+    so a resumed optimizer that lost decay_shift would read a wrong m. The MLP
+    matrices here (64 x 1536 = 98304 elements, one block each) are above
+    min_fused_numel; the tiny models above are all below it. Steps, saves,
+    loads into a fresh optimizer and model, continues: bit-for-bit equal to the
+    uninterrupted run, weights and state."""
+    def make(seed):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=1536, num_hidden_layers=1,
+                                       num_attention_heads=NH, num_key_value_heads=NKV)
+        model = transformers.LlamaForCausalLM(cfg)
+        return model, build_adam_mini(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    model_a, opt_a = make(0)
+    fused = {n for n, p in model_a.named_parameters() if opt_a._info[p].path == "fused"}
+    assert fused == {f"model.layers.0.mlp.{m}_proj.weight" for m in ("gate", "up", "down")}
+    assert all(p.numel() > AdamMini.min_fused_numel for n, p in model_a.named_parameters() if n in fused)
+    _train(model_a, opt_a, seed=0)
+    saved = opt_a.state_dict()
+    shifts = {n: opt_a.state[p].get("decay_shift") for n, p in model_a.named_parameters() if n in fused}
+    assert all(s for s in shifts.values()), f"the fused decayed path was not taken: {shifts}"
+    assert sum("decay_shift" in s for s in saved["state"].values()) == len(fused)
+
+    buf = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "optim": saved}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    model_b, opt_b = make(123)
+    model_b.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["optim"])
+    restored = {n: opt_b.state[p].get("decay_shift") for n, p in model_b.named_parameters() if n in fused}
+
+    _train(model_a, opt_a, seed=1)
+    _train(model_b, opt_b, seed=1)
+    for (n, p), (_, q) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        assert torch.equal(p, q), f"{n}: weights differ after resuming, max |diff| {(p - q).abs().max().item():.3g}"
+        a, b = opt_a.state[p], opt_b.state[q]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a[key], b[key]), (n, key)
+        assert a.get("decay_shift") == b.get("decay_shift"), (n, "decay_shift")
+    assert restored == shifts

@@ -178,3 +178,54 @@ def test_schedule_free_switches_modes_around_eval(micro_trainer):
     assert t.optimizer.param_groups[0]["train_mode"] is False
     t.train_step(defaultdict(list))
     assert t.optimizer.param_groups[0]["train_mode"] is True
+
+
+# Every name the registry refuses by design, with a word of its reason. A name
+# that becomes refused, or stops being refused, must be a deliberate change here.
+REFUSED = {
+    "SparseAdam": "sparse gradients", "LBFGS": "closure",                          # torch.optim
+    "AliG": "closure", "BSAM": "closure", "AdaHessian": "Hessian", "SophiaH": "Hessian",   # pytorch_optimizer
+    "LOMO": "into backward", "AdaLOMO": "into backward", "AdamMini": "optimizer=adam_mini",
+    "po_Muon": "use_muon", "AdaMuon": "use_muon", "AdaGO": "use_muon", "NorMuon": "use_muon",
+    "MuonClip": "use_muon", "DistributedMuon": "use_muon", "SpectralSphere": "2-D", "LoRARite": "LoRA",
+    "Magma": "wraps another optimizer", "DeMo": "process group",
+}
+# Accepted by the registry, then refused by the optimizer's own constructor
+# with its default settings ("rejected its settings").
+REJECTED_AT_BUILD = {"SGD8bit": "momentum"}
+
+
+def test_refused_names_are_pinned():
+    import importlib.util
+
+    refused = {n: optimizers.find_entry(n).refuse for n in ALL_NAMES if optimizers.find_entry(n).refuse}
+    # a missing optional package refuses its names; only torchao is optional (requirements-optional.txt)
+    missing = {n for n, why in refused.items() if why.startswith("it needs the package '")}
+    torchao_missing = importlib.util.find_spec("torchao") is None
+    assert missing == (set(optimizers.TORCHAO_NAMES) if torchao_missing else set()), \
+        {n: refused[n] for n in missing}
+    by_design = set(refused) - missing
+    assert by_design == set(REFUSED), \
+        f"newly refused: {sorted(by_design - set(REFUSED))}; no longer refused: {sorted(set(REFUSED) - by_design)}"
+    for name, word in REFUSED.items():
+        assert word in refused[name], (name, refused[name])
+        with pytest.raises(ConfigError, match=f"optimizer={name} cannot be used: "):
+            optimizers.get_entry(name)
+
+
+def test_names_rejected_at_build_are_pinned(tiny):
+    model, _, init = tiny
+    model.load_state_dict(init)
+    rejected = {}
+    for name in ALL_NAMES:
+        entry = optimizers.find_entry(name)
+        if entry.refuse:
+            continue
+        try:
+            optimizers.build_optimizer(model, name, optimizers.signature_defaults(entry.target), 1e-3,
+                                       torch.device("cpu"), run_values={"max_steps": 10})
+        except ConfigError as e:
+            rejected[name] = str(e)
+    assert set(rejected) == set(REJECTED_AT_BUILD), rejected
+    for name, word in REJECTED_AT_BUILD.items():
+        assert word in rejected[name] and "\n" not in rejected[name], rejected[name]
