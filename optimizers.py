@@ -24,6 +24,7 @@ YAMLs in config/optimizer/ exist only for optimizers with tuned defaults.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import functools
 import inspect
@@ -317,21 +318,98 @@ def _config_value(default):
 
 
 _SKIP = object()
+_NOT_CONFIG_KEYS = ("self", "params", "model", "named_params", "lr", "decay_embeddings")
+
+
+def annotation_kind(annotation):
+    """What a signature annotation says a keyword's config value may be
+    (a config_checks.Kind), or None when it says nothing a config value could
+    follow (no annotation, a Callable, a module...). `float` and
+    `float | Tensor` are a number (0 as good as 0.9), `int` an integer, `str`,
+    a Literal of strings and `torch.dtype` a string, `tuple[float, float]` a
+    list of 2 numbers, `tuple[int, ...]` a list of integers, `X | None` X or null;
+    members a config cannot hold (Tensor, Callable...) are left out of a Union."""
+    import types
+    import typing
+
+    from config_checks import Kind, NoneType
+
+    if annotation in (bool, int, float, str, NoneType):
+        return Kind(frozenset({annotation}))
+    if annotation is torch.dtype:
+        return Kind(frozenset({str}))
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        literal_types = {type(a) for a in args}
+        return Kind(frozenset(literal_types)) if literal_types <= {bool, int, float, str, NoneType} else None
+    if origin in (typing.Union, types.UnionType):
+        kinds = [k for k in map(annotation_kind, args) if k is not None]
+        if not kinds or all(k.scalars <= {NoneType} and k.lengths is None for k in kinds):
+            return None
+        try:
+            return functools.reduce(operator.or_, kinds)
+        except TypeError:   # lists of fixed and of any length in one Union: leave it to the default
+            return None
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return Kind(lengths=frozenset(), items=(annotation_kind(args[0]),))
+        return Kind(lengths=frozenset({len(args)}), items=tuple(map(annotation_kind, args)))
+    if origin is list and args:
+        return Kind(lengths=frozenset(), items=(annotation_kind(args[0]),))
+    return None
+
+
+@functools.cache
+def _config_keywords(target: Callable) -> tuple:
+    """(keyword, config value of its default, Kind from its annotation or None)
+    for every keyword that is a config key. `params`, `lr` and
+    `decay_embeddings` are left out: parameters come from the model, lr and
+    decay_embeddings are top-level run keys so that `lr=...` on the command
+    line always wins and every optimizer treats embeddings alike."""
+    try:
+        signature = inspect.signature(target, eval_str=True)
+    except Exception:   # an annotation that does not evaluate here: go by the defaults
+        signature = inspect.signature(target)
+    keywords = []
+    for key, p in signature.parameters.items():
+        if key in _NOT_CONFIG_KEYS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = _config_value(None if p.default is inspect.Parameter.empty else p.default)
+        if value is _SKIP:
+            continue
+        kind = None if isinstance(p.annotation, str) else annotation_kind(p.annotation)
+        if kind is not None and value is not None:
+            if kind.accepts(kind.coerce(value)):
+                value = kind.coerce(value)
+            else:
+                kind = None   # an annotation its own default contradicts: trust the default
+        keywords.append((key, value, kind))
+    return tuple(keywords)
 
 
 def signature_defaults(target: Callable) -> dict:
-    """Constructor keywords and their defaults, as plain config values. `params`,
-    `lr` and `decay_embeddings` are left out: parameters come from the model,
-    lr and decay_embeddings are top-level run keys so that `lr=...` on the
-    command line always wins and every optimizer treats embeddings alike."""
-    node = {}
-    for key, p in inspect.signature(target).parameters.items():
-        if key in ("self", "params", "model", "named_params", "lr", "decay_embeddings") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        value = _config_value(None if p.default is inspect.Parameter.empty else p.default)
-        if value is not _SKIP:
-            node[key] = value
-    return node
+    """Constructor keywords and their defaults, as plain config values: a
+    default of 0 for a keyword annotated `float` becomes 0.0, so the config
+    says it is a number (see _config_keywords for the keywords left out)."""
+    return copy.deepcopy({key: value for key, value, _ in _config_keywords(target)})   # callers may edit it
+
+
+@functools.cache
+def keyword_kinds(target: Callable) -> dict:
+    """keyword -> the config_checks.Kind its config value must have (None:
+    anything): from its annotation, else from its default, where an int
+    default only says "a number" (without an annotation, `momentum=0` does not
+    make momentum an integer)."""
+    from config_checks import Kind
+
+    return {key: kind or Kind.of(value, int_is_number=True) for key, value, kind in _config_keywords(target)}
+
+
+def config_kinds(name: str | None) -> dict:
+    """keyword_kinds of the optimizer `name`; {} for a name without a target
+    (unknown, or its package missing: refused elsewhere)."""
+    entry = find_entry(name) if name else None
+    return keyword_kinds(entry.target) if entry is not None and entry.target is not None else {}
 
 
 def register_configs(names=None) -> None:

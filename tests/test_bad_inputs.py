@@ -86,6 +86,22 @@ CASES = [
     ("non-finite loss", {}, [*SMALL, "optimizer=SGD", "lr=1e12", "max_steps=20"],
      "non-finite loss or gradient norm", 3),
     ("unknown nonfinite policy", {}, ["nonfinite=explode"], "nonfinite=explode is not one of stop, skip", 2),
+    ("every pair with chosen == rejected",
+     {"d.jsonl": jsonl(*[{"prompt": f"{i}+{i}=", "chosen": "4", "rejected": "4"} for i in range(12)])},
+     [*SMALL, "dataset=jsonl", "dataset.path=d.jsonl", "dataset.n_eval=4"], "all 8 train pairs have chosen == rejected", 2),
+    ("lone UTF-16 surrogate (JSON escape)", {"d.jsonl": data({"prompt": "caf\ud800", "chosen": "a", "rejected": "b"})},
+     [*SMALL, "dataset=jsonl", "dataset.path=d.jsonl"], 'd.jsonl: row 13: field "prompt" holds a lone UTF-16 surrogate', 2),
+    ("list of the wrong length", {}, ["optimizer.betas=[0.9]"],
+     "optimizer.betas=[0.9] should be a list of 2 numbers (default: [0.9, 0.999])", 2),
+    ("wrong type: optimizer keyword", {}, ["optimizer=SGD", "optimizer.momentum=high"],
+     "optimizer.momentum='high' should be a number (default: 0.0)", 2),
+    ("sweep values without -m", {}, ["lr=1e-3,1e-2"], "lr=1e-3,1e-2 has several values: add -m", 2),
+    ("wrong type in one sweep job", {}, ["-m", "max_steps=2,ten"],
+     "multirun job #1 of 2 (max_steps=ten): max_steps='ten' should be an integer (default: 100)", 2),
+    ("bad value in one sweep job", {}, ["-m", "lr=1e-3,-0.1"], "multirun job #1 of 2 (lr=-0.1): lr=-0.1 must be >= 0", 2),
+    ("bad value of a Hydra flag", {}, ["--cfg", "jobb"], "argument --cfg/-c: invalid choice: 'jobb'", 2),
+    ("Hydra flags that do not go together", {}, ["--resolve"], "--resolve works only together with --cfg or --help", 2),
+    ("unknown key after a Hydra flag", {}, ["--cfg", "job", "max_step=1"], "unknown config key 'max_step'", 2),
 ]
 
 

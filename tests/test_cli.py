@@ -74,3 +74,49 @@ def test_missing_archive_is_one_line(tmp_path):
     r = run_cli(*FAST, *MICRO_MODEL, f"model.archive={tmp_path / 'nope'}", f"run_dir={tmp_path / 'run'}")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "model.archive=" in r.stderr and "Traceback" not in r.stderr
+
+
+# The README's optimizer-keyword commands (and their kind): an optimizer
+# keyword whose signature default is 0 (`momentum: float = 0`) takes 0.9.
+README_KEYWORD_COMMANDS = [
+    ["optimizer=SGD", "optimizer.momentum=0.9", "lr=0.05"],
+    ["optimizer=RMSprop", "optimizer.momentum=0.9"],
+    ["optimizer=Adam", "optimizer.weight_decay=0.01"],
+    ["optimizer=SGD", "optimizer.dampening=0.0"],
+]
+
+
+@pytest.mark.parametrize("args", README_KEYWORD_COMMANDS, ids=" ".join)
+def test_readme_optimizer_keywords_pass_the_command_line_check(tmp_path, monkeypatch, args):
+    """In process, through the very function train.py calls before Hydra."""
+    import config_checks
+
+    monkeypatch.chdir(tmp_path)
+    config_checks.check_command_line(args)
+
+
+@pytest.mark.parametrize("args", README_KEYWORD_COMMANDS, ids=" ".join)
+def test_readme_optimizer_keywords_train(tmp_path, args):
+    r = run_cli(*args, "max_steps=2", *FAST, *MICRO_MODEL, "eval_every=2", f"run_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = (tmp_path / "config.yaml").read_text()
+    for arg in args[1:2]:
+        key, value = arg.split("=")
+        assert f"  {key.split('.')[1]}: {value}\n" in saved
+    assert last(read_metrics(tmp_path), "loss/train")["step"] == 2
+
+
+def test_a_list_keyword_keeps_its_length_and_item_types(tmp_path, monkeypatch):
+    import config_checks
+    from utils import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    for value, kind in [("[0.9]", "[0.9]"), ("[0.9,0.99,0.999]", "[0.9, 0.99, 0.999]"), ("[0.9,high]", "[0.9, 'high']"),
+                        ("0.9", "0.9")]:
+        with pytest.raises(ConfigError) as e:
+            config_checks.check_command_line([f"optimizer.betas={value}"])
+        assert str(e.value) == f"optimizer.betas={kind} should be a list of 2 numbers (default: [0.9, 0.999])"
+    config_checks.check_command_line(["optimizer.betas=[0.9,1]"])        # an int is a number
+    with pytest.raises(ConfigError) as e:
+        config_checks.check_command_line(["optimizer=SGD", "optimizer.momentum=high"])
+    assert str(e.value) == "optimizer.momentum='high' should be a number (default: 0.0)"
