@@ -432,6 +432,8 @@ def _check_types(cfg: DictConfig, defaults: DictConfig) -> None:
             continue
         group, _, keyword = key.partition(".")
         kind = keywords[keyword] if group == "optimizer" and keyword in keywords else Kind.of(default)
+        if default == "auto":   # auto | true | false switches (dataset.chat_template, data.add_bos)
+            kind = Kind(frozenset({str, bool}))
         if kind is not None and not kind.accepts(value):
             raise ConfigError(f"{key}={value!r} should be {kind.describe()} (default: {default})")
 
@@ -479,6 +481,10 @@ def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     _choice(cfg, "scheduler", optimizers.SCHEDULES)
     _choice(cfg, "wandb.mode", ("offline", "online", "disabled"))
     _choice(cfg, "nonfinite", ("stop", "skip"))
+    _choice(cfg, "divergence.action", ("stop", "warn", "off"))
+    _choice(cfg, "data.add_bos", ("auto", "always", "never", True, False))
+    for key in ("divergence.param_norm_factor", "divergence.loss_factor", "divergence.patience"):
+        _at_least(cfg, key, 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (cfg.gradient_accumulation_steps * world):
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps="

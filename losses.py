@@ -1,20 +1,28 @@
-"""Losses: SFT and the DPO family, as small pure functions on log-probabilities.
+"""Losses: SFT and the DPO family, as small pure functions on log-probabilities,
+one registry entry each.
 
 The trainer turns a batch into per-sequence summed log-probabilities of the
 response tokens (prompt tokens masked out) and hands them here; nothing in this
 file knows about models, batches or devices.
+
+A loss is one entry in `LOSSES`: its function, whether it compares a chosen
+with a rejected response (`preference`) and whether it needs a frozen
+reference model. Its config keys are its function's keyword-only parameters
+with their defaults, plus, for preference losses, `reference_free` and
+`precompute_reference`; `register_configs` turns each entry into the Hydra
+node `loss=<name>` (no YAML per loss). Adding a loss is one function, one
+entry and its hand-computed test.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from utils import ConfigError
-
-PREFERENCE_LOSSES = ("dpo", "ipo", "hinge")
-
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(label_t | tokens_<t) over the positions whose label is not
@@ -56,48 +64,29 @@ def gathered_logps(states: torch.Tensor, head: torch.nn.Module | None, rows: tor
     return token_logps.new_zeros(n_scored.shape[0]).index_add(0, seq, token_logps), n_scored
 
 
-def preference_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float,
-    kind: str = "dpo",
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The DPO family of losses, per example.
+# ----------------------------------------------------------------------------
+# The losses. A preference loss gets the policy-to-reference log-ratios of
+# the chosen (w) and the rejected (l) responses,
+#     chosen = log pi(w|x) - log ref(w|x),   rejected = log pi(l|x) - log ref(l|x)
+# (the reference terms are 0 when loss.reference_free), and returns one loss
+# per pair. h = chosen - rejected is the implicit reward margin.
 
-    With w the chosen and l the rejected response, the implicit reward margin is
+def dpo(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float = 0.1,
+        label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    eps = label_smoothing > 0 is conservative DPO (cDPO), an assumed label-flip rate."""
+    h = chosen - rejected
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
-        h = [log pi(w|x) - log pi(l|x)] - [log ref(w|x) - log ref(l|x)]
 
-    (the reference terms are 0 when `reference_free`), and
+def ipo(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+    """IPO (Azar et al., 2023): (h - 1 / (2 beta))^2, on summed log-probs (as the DPO reference repo)."""
+    return (chosen - rejected - 1 / (2 * beta)) ** 2
 
-        dpo   : -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
-                (eps = label_smoothing > 0 is conservative DPO, cDPO)
-        ipo   : (h - 1 / (2 * beta))^2
-        hinge : max(0, 1 - beta * h)                         (SLiC)
 
-    Returns (losses, chosen_rewards, rejected_rewards), each of shape (B,), where
-    reward = beta * (log pi(y|x) - log ref(y|x)) is detached (it is a metric).
-    """
-    if kind not in PREFERENCE_LOSSES:
-        raise ConfigError(f"loss={kind} is not a preference loss; choose one of {', '.join(PREFERENCE_LOSSES)}")
-    policy_margin = policy_chosen_logps - policy_rejected_logps
-    reference_margin = reference_chosen_logps - reference_rejected_logps
-    h = policy_margin - (0.0 if reference_free else reference_margin)
-
-    if kind == "dpo":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif kind == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:  # hinge
-        losses = torch.relu(1 - beta * h)
-
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
+def hinge(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+    """SLiC's hinge (Zhao et al., 2023): max(0, 1 - beta h)."""
+    return torch.relu(1 - beta * (chosen - rejected))
 
 
 def sft_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
@@ -107,32 +96,121 @@ def sft_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.T
     return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
 
 
+# ----------------------------------------------------------------------------
+# The registry.
+
+PREFERENCE_KEYS = {
+    "reference_free": False,        # no reference model: its log-probs are taken as 0
+    "precompute_reference": False,  # reference log-probs computed once before training (no reference forward per step)
+}
+# Range checks by key name, shared by every loss that takes the key.
+KEY_CHECKS = {
+    "beta": (lambda v: v > 0, "must be > 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+}
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    fn: Callable
+    preference: bool = True        # compares chosen with rejected (else: the chosen response alone)
+    needs_reference: bool = True   # a frozen reference model (unless loss.reference_free)
+
+    @property
+    def keys(self) -> dict:
+        """Config keys and defaults: the function's keyword-only parameters."""
+        own = {p.name: p.default for p in inspect.signature(self.fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+        return {**own, **(PREFERENCE_KEYS if self.preference else {})}
+
+
+LOSSES = {
+    "sft": LossEntry(sft_loss, preference=False, needs_reference=False),
+    "dpo": LossEntry(dpo),
+    "ipo": LossEntry(ipo),
+    "hinge": LossEntry(hinge),
+}
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    kind: str = "dpo",
+    reference_free: bool = False,
+    **params,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO family, per example: the loss `kind` of LOSSES on the log-ratios
+    log pi(y|x) - log ref(y|x) of the chosen and rejected responses (the
+    reference terms are 0 when `reference_free`); `params` are its other keys
+    (e.g. label_smoothing). Returns (losses, chosen_rewards, rejected_rewards),
+    each of shape (B,), where reward = beta * (log pi(y|x) - log ref(y|x)) is
+    detached (it is a metric)."""
+    entry = LOSSES.get(kind)
+    if entry is None or not entry.preference:
+        names = ", ".join(n for n, e in LOSSES.items() if e.preference)
+        raise ConfigError(f"loss={kind} is not a preference loss; choose one of {names}")
+    chosen = policy_chosen_logps - (0.0 if reference_free else reference_chosen_logps)
+    rejected = policy_rejected_logps - (0.0 if reference_free else reference_rejected_logps)
+    losses = entry.fn(chosen, rejected, beta=beta, **params)
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """What the trainer needs to know about the configured loss."""
+    """The configured loss: what the trainer needs to know about it."""
 
     name: str
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    params: dict = field(default_factory=dict)   # the loss function's own keys (beta, label_smoothing, ...)
     reference_free: bool = False
 
     @property
+    def entry(self) -> LossEntry:
+        return LOSSES[self.name]
+
+    @property
     def is_preference(self) -> bool:
-        return self.name in PREFERENCE_LOSSES
+        return self.entry.preference
 
     @property
     def needs_reference(self) -> bool:
-        return self.is_preference and not self.reference_free
+        return self.entry.needs_reference and not self.reference_free
+
+    @property
+    def beta(self) -> float:
+        return self.params.get("beta", 0.0)
+
+    def __call__(self, policy_chosen, policy_rejected, reference_chosen, reference_rejected):
+        params = {k: v for k, v in self.params.items() if k != "beta"}
+        return preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.beta,
+                               self.name, self.reference_free, **params)
 
 
 def build_loss(loss_cfg) -> LossSpec:
+    """The LossSpec of `loss_cfg` (the `loss` config node), its values checked."""
     name = loss_cfg.name
-    if name == "sft":
-        return LossSpec(name="sft")
-    if name not in PREFERENCE_LOSSES:
-        raise ConfigError(f"loss={name} is unknown; choose one of sft, {', '.join(PREFERENCE_LOSSES)}")
-    if loss_cfg.beta <= 0:
-        raise ConfigError(f"loss.beta={loss_cfg.beta} must be > 0")
-    if not 0 <= loss_cfg.label_smoothing < 0.5:
-        raise ConfigError(f"loss.label_smoothing={loss_cfg.label_smoothing} must be in [0, 0.5)")
-    return LossSpec(name, float(loss_cfg.beta), float(loss_cfg.label_smoothing), bool(loss_cfg.reference_free))
+    if name not in LOSSES:
+        raise ConfigError(f"loss={name} is unknown; choose one of {', '.join(LOSSES)}")
+    entry = LOSSES[name]
+    params = {}
+    for key, default in entry.keys.items():
+        if key in PREFERENCE_KEYS:
+            continue
+        value = loss_cfg.get(key, default)
+        check = KEY_CHECKS.get(key)
+        if check and not check[0](value):
+            raise ConfigError(f"loss.{key}={value} {check[1]}")
+        params[key] = type(default)(value) if isinstance(default, (int, float)) else value
+    return LossSpec(name, params, bool(loss_cfg.get("reference_free", False)))
+
+
+def register_configs() -> None:
+    """One Hydra config node per loss, `loss=<name>`, holding its keys."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, entry in LOSSES.items():
+        store.store(group="loss", name=name, node={"name": name, **entry.keys})

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import checkpoints
 import rundir
 from divergence import DivergenceGuard
-from losses import build_loss, gathered_logps, preference_loss, sft_loss
+from losses import build_loss, gathered_logps, sft_loss
 from models import build_model, build_tokenizer
 from optimizers import build_optimizer, build_scheduler
 from preference_datasets import (BadRows, BatchStream, collate, collate_prompts, drop_identical_pairs, get_examples,
@@ -241,9 +241,7 @@ class BasicTrainer:
 
         ref_logps = self.reference_logps(batch)
         b = logps.shape[0] // 2
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], self.loss.beta, self.loss.name,
-            self.loss.label_smoothing, self.loss.reference_free)
+        losses, chosen_rewards, rejected_rewards = self.loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:])
         loss = losses.mean()
         return loss, {
             f"loss/{split}": loss.detach(),

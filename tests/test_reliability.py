@@ -457,14 +457,76 @@ def doc_text() -> str:
     return DOC_HEAD + "| # | issue item | what was tried | what happens now | probe |\n|---|---|---|---|---|\n" + rows + "\n" + DOC_TAIL
 
 
-DOC_HEAD = """# Reliability probes
+DOC_HEAD = """# Reliability
+
+A run must never lose a user's work, mix two runs in one, or run code it
+loaded from a file. What prefopt does for that:
+
+- **Checkpoints** (`save_every=<n>`, and always at the end) are written to a
+  temporary folder, fsynced and renamed, then `checkpoints/LATEST` is
+  replaced atomically: a `step-<n>/` folder is complete or absent. Each holds
+  the Hugging Face export, the training state and `run_config.yaml` (the
+  config it ran with).
+- **The run directory belongs to one run.** A fresh run refuses a folder that
+  already holds files (someone's folder, or another run: add `resume=true` to
+  continue that one). `prefopt_run.json` lists the checkpoints this run wrote;
+  `keep_last=<n>` deletes only those, never the one `LATEST` names, and never
+  overwrites a folder the run did not write. An OS lock (`.prefopt.lock`,
+  holding the pid) is held for the whole run: a second run in the same folder
+  is refused naming the first one's pid; the kernel drops the lock when a run
+  dies, so `kill -9` never blocks a resume. Temporary files a killed save
+  left behind are removed at the next start.
+- **`resume=true`** continues from `LATEST` (a damaged checkpoint is reported
+  and the previous one used): weights, optimizer state (any registry
+  optimizer), LR schedule, counters, RNG states, data position and the partly
+  filled log window. A run killed with `kill -9` and resumed writes the same
+  `metrics.jsonl`, bit for bit, as one never interrupted
+  (`tests/test_resume.py`). The new config is compared with the
+  checkpoint's: keys that change what is computed (lr, optimizer, loss, data,
+  batch size, seed, model, precision, trainer, ...) are refused by name; keys
+  that only say when or how often things happen (`max_steps` to extend a run
+  with `scheduler=constant`, `log_every`, `eval_every`, `save_every`,
+  `keep_last`, `eval_batch_size`, `compile`, `trainer.nproc`, `wandb.*`,
+  `divergence.*`) are accepted, and `config.yaml` records them under a
+  `# resume <n> (from step-<k>): ...` line (the history is in
+  `prefopt_run.json`). A torn last line of `metrics.jsonl` is dropped.
+- **Signals.** SIGTERM or Ctrl-C in training finish the step, save a
+  checkpoint and exit 0 with a "Resume with:" command that can be pasted as
+  printed; a second one exits at once. Ctrl-C during setup is one line, exit
+  130.
+- **A full disk** while a checkpoint or a metrics line is written is one line
+  naming the disk, its free space and what the write needed (exit 3); the
+  previous checkpoint stays intact and `LATEST`.
+- **Numbers that go wrong.** A NaN/inf loss or gradient norm stops the run
+  before the weights change (`nonfinite=stop`, the default) or skips that
+  update (`nonfinite=skip`). The divergence guard (`divergence.*`,
+  `divergence.py`) watches what stays finite but is destroyed, at each log
+  step and before each checkpoint: the parameter norm above
+  `param_norm_factor` (100) times its starting value, or the training loss
+  above `loss_factor` (10) times its first logged value for `patience` (3) log
+  windows in a row; `action=stop` (the default) ends the run with the numbers
+  and writes no checkpoint of those weights, `warn` only prints, `off` turns
+  it off.
+- **No code from files.** Checkpoints load with safetensors and
+  `torch.load(weights_only=True)`; the FSDP trainer's DCP metadata through a
+  restricted unpickler that builds only DCP's own record types
+  (`safe_dcp.py`); `model.trust_remote_code` is false unless set.
+- **Bad input is one line.** The whole config (every job of a `-m` sweep) is
+  checked before any model or data is loaded; [bad_inputs.md](bad_inputs.md)
+  lists each bad input with its exact message (tested). Malformed data rows
+  name the file, row and field (`data.skip_bad_rows=true` skips and counts
+  them); a dataset whose pairs all have `chosen == rejected` is refused, some
+  such pairs are dropped and counted, and prompts shared by the train and eval
+  splits are reported.
+
+## Probes
 
 What an unlucky or hostile user tries, and what prefopt does now. Each row is a
 probe in `tests/test_reliability.py`, run as real `python train.py`
 subprocesses in a scratch folder (most from a copy of one small finished run)
-by the test suite; "issue item" refers to the reliability issue's list (items
-2, 7, 8, 9, 10, 12, 13 and 14 are tested in the files named below the table).
-Regenerate this page with `python tests/test_reliability.py > docs/reliability.md`.
+by the test suite; "issue item" refers to the reliability issue's list (the
+items tested in other files are listed below the table). Regenerate this page
+with `python tests/test_reliability.py > docs/reliability.md`.
 
 """
 
