@@ -8,7 +8,7 @@ None for SFT-only data. `dataset=<name>` picks a loader from `LOADERS`:
   jsonl          a local .jsonl/.json/.parquet file of {"prompt","chosen","rejected"}
                  rows (or conversational message lists)
   hh, shp, ultrafeedback   the public formats
-The parsers for everything but `synthetic` live in dataset_formats.py.
+Each loader is one file of the prefopt/data package.
 
 Tokenization follows the reference DPO repo: the prompt is truncated first
 (to `max_prompt_length`), then the responses (to fit `max_length`); prompt
@@ -23,137 +23,25 @@ surrogate from a JSON escape) is a bad row, caught by the parsers.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from prefopt.data import hh, jsonl, shp, synthetic, ultrafeedback
+from prefopt.data.types import BadRows, PreferenceExample
 from utils import ConfigError
 
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class PreferenceExample:
-    prompt: str
-    chosen: str
-    rejected: str | None = None
-
-
-# ----------------------------------------------------------------------------
-# The bundled task: sort a few letters. It is verifiable (the chosen answer is
-# the only right one), a tiny model learns it in a minute on a CPU, and the
-# rejected answer is a near miss (two neighbours swapped), so preferring the
-# chosen one requires having learned the task, not a surface cue.
-
-SORT_ALPHABET = "abcdefghijklmnop"
-
-
-def _sort_example(rng: random.Random, min_len: int, max_len: int) -> PreferenceExample:
-    n = rng.randint(min_len, max_len)
-    if max_len <= len(SORT_ALPHABET):
-        letters = rng.sample(SORT_ALPHABET, n)
-    else:  # long sequences (e.g. for bench.py): letters repeat; swap two that differ
-        letters = rng.choices(SORT_ALPHABET, k=n)
-        if len(set(letters)) < 2:
-            letters[0] = "a" if letters[0] != "a" else "b"
-    answer = sorted(letters)
-    i = rng.randrange(n - 1)
-    while answer[i] == answer[i + 1]:
-        i = rng.randrange(n - 1)
-    wrong = answer.copy()
-    wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
-    return PreferenceExample(prompt="".join(letters) + "=", chosen="".join(answer), rejected="".join(wrong))
-
-
-def load_synthetic(cfg, split: str, bad_rows=None) -> list[PreferenceExample]:
-    """Deterministic train/eval splits; no eval prompt appears in train."""
-    n_train, n_eval = cfg.n_train, cfg.n_eval
-    rng = random.Random(cfg.seed)
-    seen, rows = set(), []
-    while len(rows) < n_train + n_eval:
-        ex = _sort_example(rng, cfg.min_len, cfg.max_len)
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            rows.append(ex)
-    return rows[n_eval:] if split == "train" else rows[:n_eval]
-
-
-# ----------------------------------------------------------------------------
-# Local files.
-
-class BadRows:
-    """What to do with a malformed row: raise its one-line error at once (the
-    default), or, with data.skip_bad_rows=true, count it and go on."""
-
-    def __init__(self, skip: bool = False):
-        self.skip, self.seen = skip, []
-
-    def __call__(self, error: ConfigError) -> None:
-        if not self.skip:
-            raise error
-        if str(error) not in self.seen:   # a file read for both splits reports a row once
-            self.seen.append(str(error))
-
-    @property
-    def count(self) -> int:
-        return len(self.seen)
-
-    @property
-    def first(self) -> str | None:
-        return self.seen[0] if self.seen else None
-
-
-def read_json_rows(path: str | Path, bad_rows: BadRows | None = None) -> list[tuple[int, dict]]:
-    """(row number, object) pairs from a .jsonl file (one object a line) or a
-    .json file holding a list of objects. Errors name the file and row."""
-    bad_rows = bad_rows or BadRows()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"dataset.path={path} does not exist")
-    raw = path.read_bytes()
-    if path.suffix == ".json":
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            row = raw[: e.start].count(b"\n") + 1
-            raise ConfigError(f"{path}: line {row}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}")
-        if not isinstance(data, list):
-            raise ConfigError(f"{path}: expected a JSON list of rows")
-        return list(enumerate(data, start=1))
-    rows = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((lineno, json.loads(line.decode("utf-8"))))
-        except UnicodeDecodeError as e:
-            bad_rows(ConfigError(f"{path}: row {lineno}: not valid UTF-8 (byte {e.start} of the row); "
-                                 "re-encode the file as UTF-8"))
-        except json.JSONDecodeError as e:
-            bad_rows(ConfigError(f"{path}: row {lineno}: invalid JSON ({e.msg})"))
-    return rows
-
-
-def _public_format(parser_name: str):
-    def load(cfg, split: str, bad_rows: BadRows) -> list[PreferenceExample]:
-        import dataset_formats
-
-        return getattr(dataset_formats, parser_name)(cfg, split, bad_rows)
-
-    return load
-
-
+# `dataset=<name>` -> its loader: (dataset config, split, BadRows) -> rows.
 LOADERS = {
-    "synthetic": load_synthetic,
-    "jsonl": _public_format("load_prompt_chosen_rejected"),
-    "hh": _public_format("load_hh"),
-    "shp": _public_format("load_shp"),
-    "ultrafeedback": _public_format("load_ultrafeedback"),
+    "synthetic": synthetic.load_synthetic,
+    "jsonl": jsonl.load_prompt_chosen_rejected,
+    "hh": hh.load_hh,
+    "shp": shp.load_shp,
+    "ultrafeedback": ultrafeedback.load_ultrafeedback,
 }
 
 

@@ -22,15 +22,14 @@ def _interrupted_during_setup(signum, frame):
 
 signal.signal(signal.SIGINT, _interrupted_during_setup)
 
-import hydra  # noqa: E402  (after the handler: importing torch takes seconds)
+# The imports below come after the handler: importing torch takes seconds.
+import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig
 
-import config_checks  # noqa: E402
-import optimizers  # noqa: E402
-import rundir  # noqa: E402
-import sweeps  # noqa: E402
-from utils import ConfigError, fail  # noqa: E402
+from prefopt import config_checks, losses, rundir, sweeps
+from prefopt import optim as optimizers
+from utils import ConfigError, fail
 
 # Quiet by default: no transformers/tokenizers chatter, no wandb banner.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at ru
 # Config nodes only for the optimizers named on the command line (and those
 # with YAMLs): a run imports no optional optimizer package it does not use.
 optimizers.register_configs(config_checks.chosen(sys.argv[1:], "optimizer"))
+losses.register_configs()
 
 
 @hydra.main(config_path="config", config_name="config", version_base="1.3")
@@ -53,9 +53,9 @@ def main(cfg: DictConfig) -> None:
     try:
         config_checks.validate(cfg)
         if cfg.plan_only:
-            import memory_plan
+            from prefopt import memory
 
-            memory_plan.run(cfg, run_dir)
+            memory.run(cfg, run_dir)
             return
         rundir.claim_run_dir(cfg)   # refuse someone else's folder or a second run; lock; resume checks
         trainer = build_trainer(cfg, run_dir)

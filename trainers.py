@@ -25,17 +25,35 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-import checkpoints
-import rundir
-from divergence import DivergenceGuard
-from losses import build_loss, gathered_logps, sft_loss
-from models import build_model, build_tokenizer
-from optimizers import build_optimizer, build_scheduler
-from preference_datasets import (BadRows, BatchStream, collate, collate_prompts, drop_identical_pairs, get_examples,
-                                 split_overlap_warning, tokenize_rows)
-from sparsity import UpdateSparsity
-from utils import (ConfigError, TrainingError, MetricsLogger, PeakMemory, atomic_directory, atomic_write_text, disk_full_message,
-                   keep_cpu_memory, optimizer_state_bytes, resolve_device, resolve_dtype, set_seed, tensor_bytes)
+from preference_datasets import (
+    BadRows,
+    BatchStream,
+    collate,
+    collate_prompts,
+    drop_identical_pairs,
+    get_examples,
+    split_overlap_warning,
+    tokenize_rows,
+)
+from prefopt import checkpoints, rundir
+from prefopt.divergence import DivergenceGuard
+from prefopt.losses import build_loss, gathered_logps, sft_loss
+from prefopt.memory import PeakMemory, keep_cpu_memory, optimizer_state_bytes, tensor_bytes
+from prefopt.model_structure import PLAIN_HEAD_MODELS, SHARED_PROMPT_MODELS
+from prefopt.models import build_model, build_tokenizer
+from prefopt.optim import build_optimizer, build_scheduler
+from prefopt.sparsity import UpdateSparsity
+from utils import (
+    ConfigError,
+    MetricsLogger,
+    TrainingError,
+    atomic_directory,
+    atomic_write_text,
+    disk_full_message,
+    resolve_device,
+    resolve_dtype,
+    set_seed,
+)
 
 
 class BasicTrainer:
@@ -564,13 +582,6 @@ class BasicTrainer:
             self.logger.close()
 
 
-# Model types whose logits are exactly lm_head(final hidden state) and which
-# use a 4-D attention mask and position ids as given: for them the head runs
-# only where a token is scored, and share_prompt packs a pair into one row.
-PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
-SHARED_PROMPT_MODELS = PLAIN_HEAD_MODELS
-
-
 def _logps(model: torch.nn.Module, input_ids, attention_mask, position_ids, rows, targets, seq, n_scored):
     """Summed log-probs of the scored tokens of each logical sequence (see collate)."""
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -609,7 +620,7 @@ class StopOnSignal:
 
 # name -> "module:Class", imported on use, so that trainer=basic never loads
 # the torch.distributed machinery of the others.
-TRAINERS = {"basic": "trainers:BasicTrainer", "fsdp": "fsdp:FSDPTrainer"}
+TRAINERS = {"basic": "trainers:BasicTrainer", "fsdp": "prefopt.distributed.fsdp:FSDPTrainer"}
 
 
 def build_trainer(cfg, run_dir) -> BasicTrainer:

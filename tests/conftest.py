@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import optimizers  # noqa: E402
+from prefopt import optim as optimizers  # noqa: E402
 
 optimizers.register_configs()
 
@@ -27,11 +27,10 @@ FAST = ["wandb.mode=disabled", "dataset.n_train=256", "dataset.n_eval=32", "n_ev
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The config train.py would compose for these overrides (config_checks.compose)."""
+    from prefopt.config_checks import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 def make_trainer(tmp_path, *overrides: str, setup: bool = True):

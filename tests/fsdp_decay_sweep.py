@@ -57,7 +57,7 @@ def train(run_dir: Path, steps: int, *overrides: str) -> dict:
 def main() -> None:
     out, steps, sweeps = Path(sys.argv[1]), int(sys.argv[3]), json.loads(sys.argv[4])
     sweep.COMMON, names = json.loads(sys.argv[2]), list(sweeps)
-    import optimizers
+    from prefopt import optim as optimizers
 
     optimizers.register_configs(names)
     dist.init_process_group("gloo")

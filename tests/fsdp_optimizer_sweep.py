@@ -47,7 +47,7 @@ def evaluate_after_two_steps(run_dir: Path, *overrides: str) -> dict:
 def main() -> None:
     global COMMON
     out, COMMON, names = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:]
-    import optimizers
+    from prefopt import optim as optimizers
 
     optimizers.register_configs(names)
     dist.init_process_group("gloo")

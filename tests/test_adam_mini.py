@@ -16,8 +16,9 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adam_mini import AdamMini, build_adam_mini, official_adam_mini, optimizer_state_bytes  # noqa: E402
-from param_roles import ParamRole, parameter_roles  # noqa: E402
+from prefopt.memory import optimizer_state_bytes  # noqa: E402
+from prefopt.optim.adam_mini import AdamMini, build_adam_mini, official_adam_mini  # noqa: E402
+from prefopt.optim.param_roles import ParamRole, parameter_roles  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -310,7 +311,7 @@ def test_state_bytes_exact():
     v_full = 2 * VOCAB * H                       # embedding + lm_head keep Adam's v
     v_blocks = LAYERS * (NH + NKV + 1 + 1 + 3 + 2) + 1
     expected = 4 * n_params + 4 * v_full + 4 * v_blocks + 4 * n_tensors  # m, v, v, step (fp32)
-    assert optimizer_state_bytes(opt) == expected
+    assert optimizer_state_bytes(opt)[0] == expected
     assert sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()) == expected
     adamw = 8 * n_params + 4 * n_tensors
     assert expected < adamw
@@ -391,7 +392,7 @@ def test_fused_decayed_step_is_adamw_style_decay_in_one_pass():
     """The folded kernel call equals the two-pass update p *= 1-eta; m = lerp(m, g);
     p -= s*m, step after step with a changing step size and decay (an LR schedule),
     and the buffer is m + shift*p; float64, so only the algebra is tested."""
-    from adam_mini import _fused_decayed_step
+    from prefopt.optim.adam_mini import _fused_decayed_step
 
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(300, dtype=torch.float64, generator=gen)

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from conftest import FAST, MICRO_MODEL, read_metrics, run_cli
 
 
@@ -89,7 +88,7 @@ README_KEYWORD_COMMANDS = [
 @pytest.mark.parametrize("args", README_KEYWORD_COMMANDS, ids=" ".join)
 def test_readme_optimizer_keywords_pass_the_command_line_check(tmp_path, monkeypatch, args):
     """In process, through the very function train.py calls before Hydra."""
-    import config_checks
+    from prefopt import config_checks
 
     monkeypatch.chdir(tmp_path)
     config_checks.check_command_line(args)
@@ -107,7 +106,7 @@ def test_readme_optimizer_keywords_train(tmp_path, args):
 
 
 def test_a_list_keyword_keeps_its_length_and_item_types(tmp_path, monkeypatch):
-    import config_checks
+    from prefopt import config_checks
     from utils import ConfigError
 
     monkeypatch.chdir(tmp_path)

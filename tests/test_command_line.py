@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import FAST, MICRO_MODEL, run_cli
 
-import config_checks
-import optimizers
+from prefopt import config_checks
+from prefopt import optim as optimizers
 from utils import ConfigError
 
 # The 21-optimizer sweep of the README's results table.

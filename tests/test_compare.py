@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST, MICRO_MODEL, ROOT, read_metrics, run_cli
 
 sys.path.insert(0, str(ROOT))
@@ -79,7 +78,7 @@ def test_explicit_wandb_group_wins_and_single_runs_have_no_group(tmp_path):
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    import sweeps
+    from prefopt import sweeps
 
     class Hydra:
         def __init__(self, mode):

@@ -3,9 +3,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from models import byte_tokenizer
-from preference_datasets import (IGNORE_INDEX, BatchStream, PreferenceExample, collate, get_examples,
-                                 tokenize_example)
+from preference_datasets import IGNORE_INDEX, BatchStream, PreferenceExample, collate, get_examples, tokenize_example
+from prefopt.models import byte_tokenizer
 from utils import ConfigError
 
 SYNTH = OmegaConf.create({"name": "synthetic", "n_train": 300, "n_eval": 50, "min_len": 3, "max_len": 7,

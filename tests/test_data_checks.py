@@ -16,14 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import ROOT, run_cli
-from models import SPECIAL_TOKENS, byte_tokenizer
-from preference_datasets import (IGNORE_INDEX, BadRows, PreferenceExample, TokenizedExample, collate,
-                                 drop_identical_pairs, get_examples, prompt_bos, split_overlap_warning,
-                                 tokenize_example, tokenize_rows, tokenizer_adds_bos)
+from omegaconf import OmegaConf
 from test_bad_inputs import SMALL, error_line
+
+from preference_datasets import (
+    IGNORE_INDEX,
+    BadRows,
+    PreferenceExample,
+    TokenizedExample,
+    collate,
+    drop_identical_pairs,
+    get_examples,
+    prompt_bos,
+    split_overlap_warning,
+    tokenize_example,
+    tokenize_rows,
+    tokenizer_adds_bos,
+)
+from prefopt.models import SPECIAL_TOKENS, byte_tokenizer
 from utils import ConfigError
 
 SURROGATE_ROW = '{"prompt": "caf\\ud800", "chosen": "a", "rejected": "b"}\n'   # the JSON escape, as in a file

@@ -1,4 +1,4 @@
-"""dataset_formats: the public preference formats (HH, SHP, UltraFeedback) and
+"""prefopt/data: the public preference formats (HH, SHP, UltraFeedback) and
 users' own prompt/chosen/rejected files, parsed from small fixture files shaped
 like the real data. Expected strings are written out by hand."""
 from __future__ import annotations
@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import dataset_formats as df  # noqa: E402
-from preference_datasets import LOADERS, PreferenceExample, get_examples, read_json_rows  # noqa: E402
+from prefopt.data import conversation, hh, jsonl, shp, ultrafeedback  # noqa: E402
+
+from preference_datasets import LOADERS, PreferenceExample, get_examples  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -80,10 +81,10 @@ def test_render_conversation():
                 {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."},
                 {"role": "user", "content": "Bye"}]
-    assert df.render_conversation(messages) == "Be terse.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye"
-    assert df.render_conversation([{"role": "user", "content": "x"}]) == "\n\nHuman: x"
+    assert conversation.render_conversation(messages) == "Be terse.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye"
+    assert conversation.render_conversation([{"role": "user", "content": "x"}]) == "\n\nHuman: x"
     with pytest.raises(ValueError):
-        df.render_conversation([{"role": "tool", "content": "x"}])
+        conversation.render_conversation([{"role": "tool", "content": "x"}])
 
 
 # ----------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def test_malformed_user_files(fixture, expected):
         assert part in message, message
     # the same through this module's own loader
     with pytest.raises(ConfigError) as excinfo:
-        df.load_prompt_chosen_rejected(cfg, "train")
+        jsonl.load_prompt_chosen_rejected(cfg, "train")
     assert one_line_error(excinfo) == message
 
 
@@ -172,7 +173,7 @@ def test_malformed_user_files(fixture, expected):
 ])
 def test_parse_prompt_chosen_rejected_errors(row, expected):
     with pytest.raises(ConfigError) as excinfo:
-        df.parse_prompt_chosen_rejected(row, where="data/x.jsonl: row 7")
+        jsonl.parse_prompt_chosen_rejected(row, where="data/x.jsonl: row 7")
     message = one_line_error(excinfo)
     assert message.startswith("data/x.jsonl: row 7: ") and expected in message, message
 
@@ -185,12 +186,12 @@ def test_own_loader_parquet_and_n_train(tmp_path):
     pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
                    tmp_path / "pcr.parquet")
     cfg = make_cfg("jsonl", path=str(tmp_path / "pcr.parquet"), n_eval=2, n_train=3)
-    train, evals = df.load_prompt_chosen_rejected(cfg, "train"), df.load_prompt_chosen_rejected(cfg, "eval")
+    train, evals = jsonl.load_prompt_chosen_rejected(cfg, "train"), jsonl.load_prompt_chosen_rejected(cfg, "eval")
     assert [r.prompt for r in train] == ["Q: 2+3=", "Q: capital of Japan?", "Q: opposite of hot?"]
     assert evals == [PreferenceExample("Q: plural of mouse?", " mice", " mouses"),
                      PreferenceExample("Q: first month?", " January", " March")]
     with pytest.raises(ConfigError) as excinfo:  # dataset=jsonl has no hub to fall back on
-        df.load_prompt_chosen_rejected(make_cfg("jsonl"), "train")
+        jsonl.load_prompt_chosen_rejected(make_cfg("jsonl"), "train")
     assert "needs dataset.path=" in one_line_error(excinfo)
 
 
@@ -224,17 +225,17 @@ def test_hh_rows_and_held_out_eval():
 
 def test_hh_eval_path_n_train_and_json(tmp_path):
     cfg = make_cfg("hh", path=str(FIX / "hh.jsonl"), eval_path=str(FIX / "hh_eval.jsonl"), n_train=2)
-    assert df.load_hh(cfg, "train") == df.load_hh(make_cfg("hh", path=str(FIX / "hh.jsonl"), n_eval=3), "train")[:2]
-    assert df.load_hh(cfg, "train")[1] == HH_ROW2
-    assert df.load_hh(cfg, "eval") == [
+    assert hh.load_hh(cfg, "train") == hh.load_hh(make_cfg("hh", path=str(FIX / "hh.jsonl"), n_eval=3), "train")[:2]
+    assert hh.load_hh(cfg, "train")[1] == HH_ROW2
+    assert hh.load_hh(cfg, "eval") == [
         PreferenceExample("\n\nHuman: Is the sun a star?\n\nAssistant:", " Yes, the Sun is a star.", " No, it is a planet.")]
     # n_train caps train only: the held-out eval rows do not move
     capped = make_cfg("hh", path=str(FIX / "hh.jsonl"), n_eval=2, n_train=1)
-    assert len(df.load_hh(capped, "train")) == 1 and len(df.load_hh(capped, "eval")) == 2
+    assert len(hh.load_hh(capped, "train")) == 1 and len(hh.load_hh(capped, "eval")) == 2
     # a .json list of the same rows
     rows = [json.loads(line) for line in (FIX / "hh.jsonl").read_text().splitlines()]
     (tmp_path / "hh.json").write_text(json.dumps(rows))
-    assert df.load_hh(make_cfg("hh", path=str(tmp_path / "hh.json"), n_eval=2), "train")[1] == HH_ROW2
+    assert hh.load_hh(make_cfg("hh", path=str(tmp_path / "hh.json"), n_eval=2), "train")[1] == HH_ROW2
 
 
 @pytest.mark.parametrize("fixture,expected", [
@@ -245,7 +246,7 @@ def test_hh_eval_path_n_train_and_json(tmp_path):
 def test_hh_malformed(fixture, expected):
     path = FIX / fixture
     with pytest.raises(ConfigError) as excinfo:
-        df.load_hh(make_cfg("hh", path=str(path), n_eval=1), "train")
+        hh.load_hh(make_cfg("hh", path=str(path), n_eval=1), "train")
     message = one_line_error(excinfo)
     assert message.startswith(f"{path}: ")
     for part in expected:
@@ -259,14 +260,14 @@ def test_hh_malformed(fixture, expected):
 ])
 def test_hh_row_errors(row, expected):
     with pytest.raises(ConfigError) as excinfo:
-        df.parse_hh(row, where="hh.jsonl: row 4")
+        hh.parse_hh(row, where="hh.jsonl: row 4")
     message = one_line_error(excinfo)
     assert message.startswith("hh.jsonl: row 4: ") and expected in message, message
 
 
 def test_hh_empty_final_response_is_kept():
     # as the reference repo does: the response is then trained as EOS alone
-    ex = df.parse_hh({"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"}, "w")
+    ex = hh.parse_hh({"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"}, "w")
     assert ex == PreferenceExample("\n\nHuman: q\n\nAssistant:", "", " b")
 
 
@@ -282,7 +283,7 @@ def test_shp_score_ratio_filter_and_labels():
     # score ratios 2.05, 1.5, 3.0, 1.2, 4.0, 2.0: min_score_ratio=2 keeps rows 1, 3, 5 and 6
     cfg = make_cfg("shp", path=str(FIX / "shp.jsonl"), n_eval=1)
     assert cfg.min_score_ratio == 2.0
-    train, evals = df.load_shp(cfg, "train"), df.load_shp(cfg, "eval")
+    train, evals = shp.load_shp(cfg, "train"), shp.load_shp(cfg, "eval")
     assert train == [
         PreferenceExample(Q1, " Starch retrogradation: the starch recrystallizes fastest at fridge temperatures, "
                               "so bread firms up.", " Fridges are dry, that's all."),                 # labels 1: A
@@ -297,7 +298,7 @@ def test_shp_score_ratio_filter_and_labels():
 
 def test_shp_without_filter():
     cfg = make_cfg("shp", path=str(FIX / "shp.jsonl"), min_score_ratio=None, n_eval=2, n_train=3)
-    train, evals = df.load_shp(cfg, "train"), df.load_shp(cfg, "eval")
+    train, evals = shp.load_shp(cfg, "train"), shp.load_shp(cfg, "eval")
     assert [ex.prompt for ex in train] == [Q1, Q1, Q2]
     assert train[1] == PreferenceExample(Q1, " Freeze it instead; freezing stops the staling.",
                                          " Fridges are dry, that's all.")
@@ -318,7 +319,7 @@ def test_shp_row_errors(tmp_path, change, expected):
     path = tmp_path / "shp.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ConfigError) as excinfo:
-        df.load_shp(make_cfg("shp", path=str(path), n_eval=1), "train")
+        shp.load_shp(make_cfg("shp", path=str(path), n_eval=1), "train")
     message = one_line_error(excinfo)
     assert message.startswith(f"{path}: row 3: ") and expected in message, message
 
@@ -337,8 +338,8 @@ UF = [
 
 def test_ultrafeedback_jsonl_and_parquet(tmp_path):
     cfg = make_cfg("ultrafeedback", path=str(FIX / "ultrafeedback.jsonl"), n_eval=1)
-    assert df.load_ultrafeedback(cfg, "train") == UF[:3]
-    assert df.load_ultrafeedback(cfg, "eval") == UF[3:]
+    assert ultrafeedback.load_ultrafeedback(cfg, "train") == UF[:3]
+    assert ultrafeedback.load_ultrafeedback(cfg, "eval") == UF[3:]
     # the published files are Parquet: the same rows, read through datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -355,7 +356,7 @@ def test_ultrafeedback_jsonl_and_parquet(tmp_path):
 def test_ultrafeedback_malformed(tmp_path):
     path = FIX / "ultrafeedback_bad_prefix.jsonl"
     with pytest.raises(ConfigError) as excinfo:
-        df.load_ultrafeedback(make_cfg("ultrafeedback", path=str(path), eval_path=str(path)), "train")
+        ultrafeedback.load_ultrafeedback(make_cfg("ultrafeedback", path=str(path), eval_path=str(path)), "train")
     message = one_line_error(excinfo)
     assert message.startswith(f"{path}: row 1: ") and '"chosen" and "rejected" differ at message 1' in message
     rows = [json.loads(line) for line in (FIX / "ultrafeedback.jsonl").read_text().splitlines()]
@@ -363,7 +364,7 @@ def test_ultrafeedback_malformed(tmp_path):
     bad = tmp_path / "uf.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ConfigError) as excinfo:
-        df.load_ultrafeedback(make_cfg("ultrafeedback", path=str(bad), n_eval=1), "train")
+        ultrafeedback.load_ultrafeedback(make_cfg("ultrafeedback", path=str(bad), n_eval=1), "train")
     message = one_line_error(excinfo)
     assert message.startswith(f"{bad}: row 2: ") and 'field "rejected" must be a list of {"role", "content"}' in message
 
@@ -373,24 +374,24 @@ def test_ultrafeedback_malformed(tmp_path):
 
 def test_local_file_errors(tmp_path):
     with pytest.raises(ConfigError) as excinfo:
-        df.load_hh(make_cfg("hh", path=str(tmp_path / "nope.jsonl")), "train")
+        hh.load_hh(make_cfg("hh", path=str(tmp_path / "nope.jsonl")), "train")
     assert one_line_error(excinfo).startswith(f"dataset.path={tmp_path / 'nope.jsonl'} does not exist")
     with pytest.raises(ConfigError) as excinfo:
-        df.load_hh(make_cfg("hh", path=str(FIX / "hh.jsonl"), eval_path=str(tmp_path / "e.jsonl")), "eval")
+        hh.load_hh(make_cfg("hh", path=str(FIX / "hh.jsonl"), eval_path=str(tmp_path / "e.jsonl")), "eval")
     assert one_line_error(excinfo).startswith("dataset.eval_path=")
     (tmp_path / "train.jsonl.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(ConfigError) as excinfo:
-        df.load_hh(make_cfg("hh", path=str(tmp_path / "train.jsonl.gz")), "train")
+        hh.load_hh(make_cfg("hh", path=str(tmp_path / "train.jsonl.gz")), "train")
     assert 'unsupported file type ".gz"; use .jsonl, .json or .parquet; decompress it first' in one_line_error(excinfo)
     (tmp_path / "broken.parquet").write_bytes(b"junk")
     with pytest.raises(ConfigError) as excinfo:
-        df.load_ultrafeedback(make_cfg("ultrafeedback", path=str(tmp_path / "broken.parquet")), "train")
+        ultrafeedback.load_ultrafeedback(make_cfg("ultrafeedback", path=str(tmp_path / "broken.parquet")), "train")
     assert one_line_error(excinfo).startswith(f"{tmp_path / 'broken.parquet'}: could not be read as Parquet")
     with pytest.raises(ConfigError) as excinfo:  # 5 rows cannot hold out 5 for eval
-        df.load_hh(make_cfg("hh", path=str(FIX / "hh.jsonl"), n_eval=5), "train")
+        hh.load_hh(make_cfg("hh", path=str(FIX / "hh.jsonl"), n_eval=5), "train")
     assert "has 5 usable rows, not more than dataset.n_eval=5" in one_line_error(excinfo)
     with pytest.raises(ConfigError) as excinfo:
-        df.load_hh(make_cfg("hh", eval_path=str(FIX / "hh.jsonl")), "train")
+        hh.load_hh(make_cfg("hh", eval_path=str(FIX / "hh.jsonl")), "train")
     assert "dataset.eval_path is set but dataset.path is not" in one_line_error(excinfo)
 
 
@@ -405,12 +406,12 @@ def test_hub_failure_is_one_line(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.raises(ConfigError) as excinfo:
-        df.load_shp(make_cfg("shp", hub_data_dir="askculinary"), "eval")
+        shp.load_shp(make_cfg("shp", hub_data_dir="askculinary"), "eval")
     assert one_line_error(excinfo) == (
         "dataset=shp could not be loaded from the hub (stanfordnlp/SHP, split test): ConnectionError: Couldn't reach "
         "the Hub; offline? pass dataset.path=<local .jsonl/.parquet file>")
     with pytest.raises(ConfigError):
-        df.load_ultrafeedback(make_cfg("ultrafeedback"), "train")
+        ultrafeedback.load_ultrafeedback(make_cfg("ultrafeedback"), "train")
     assert calls == [("stanfordnlp/SHP", "test", {"data_dir": "askculinary"}),
                      ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", {})]
 
@@ -421,11 +422,11 @@ def test_hub_fallback_offline_real_datasets(tmp_path):
     script = textwrap.dedent("""
         import sys
         from omegaconf import OmegaConf
-        import dataset_formats
+        from prefopt.data import hh
         from utils import ConfigError
         cfg = OmegaConf.load("config/dataset/hh.yaml")
         try:
-            dataset_formats.load_hh(cfg, "train")
+            hh.load_hh(cfg, "train")
         except ConfigError as e:
             sys.stdout.write(str(e))
         else:

@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import FAST, MICRO_MODEL, run_cli
 
-import safe_dcp
+from prefopt.distributed import safe_dcp
 from utils import ConfigError
 
 RUN = [*FAST, *MICRO_MODEL, "loss=dpo", "eval_every=2", "optimizer=AdamW", "max_steps=2", "save_every=2"]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST, MICRO_MODEL, ROOT, make_trainer, read_metrics
 
 from utils import ConfigError
@@ -125,10 +124,10 @@ def test_export_loads_in_basic_trainer_and_transformers(adamw_run, tmp_path):
 
 
 def test_every_supported_optimizer_matches_basic_under_fsdp(tmp_path):
-    import fsdp
+    from prefopt import optim as optimizers
 
     out = tmp_path / "sweep.json"
-    names = [n for n in fsdp.FSDP_ELEMENTWISE + fsdp.FSDP_BLOCKWISE if n not in ("AdamW", "adam_mini")]
+    names = [n for n in optimizers.fsdp_supported() if n not in ("AdamW", "adam_mini")]
     torchrun(str(out), json.dumps([*FAST, *MICRO_MODEL, "loss=dpo"]), *names,
              script=ROOT / "tests" / "fsdp_optimizer_sweep.py")
     results = json.loads(out.read_text())
@@ -146,7 +145,7 @@ def test_every_supported_optimizer_matches_basic_under_fsdp(tmp_path):
     ("Lion", "not been verified on sharded parameters"),   # any registry name not verified under FSDP
 ])
 def test_optimizers_that_cannot_shard_are_refused_in_one_line(tmp_path, optimizer, reason):
-    import optimizers
+    from prefopt import optim as optimizers
 
     if optimizers.find_entry(optimizer) is None or optimizers.find_entry(optimizer).refuse:
         pytest.skip(f"{optimizer} is not available here")

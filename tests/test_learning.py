@@ -8,7 +8,6 @@ direction passes; these tests pin the direction and the size of the effect."""
 import math
 
 import pytest
-
 from conftest import make_trainer, read_metrics
 
 LN2 = math.log(2.0)

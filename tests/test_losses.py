@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from losses import preference_loss, sequence_logps, sft_loss
+from prefopt.losses import preference_loss, sequence_logps, sft_loss
 
 # One pair: log pi(w)=-1, log pi(l)=-3, log ref(w)=-2, log ref(l)=-2.5, beta=0.5.
 # h = (-1 - -3) - (-2 - -2.5) = 2 - 0.5 = 1.5 ; beta*h = 0.75

@@ -3,10 +3,10 @@ with the bytes measured after a real optimizer step."""
 from collections import defaultdict
 
 import pytest
+from conftest import compose, run_cli
 
-import memory_plan
-from conftest import FAST, MICRO_MODEL, compose, run_cli
-from utils import optimizer_state_bytes
+from prefopt import memory as memory_plan
+from prefopt.memory import optimizer_state_bytes
 
 # Adam-mini paper (seed 003), Table 1: optimizer-state memory in GB (fp32, GB = 1e9 bytes).
 TABLE_1 = [("llama2-7b", "AdamW", 53.92), ("llama2-7b", "adam_mini", 28.04),

@@ -6,11 +6,12 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from conftest import compose
-import optimizers
-from optimizers import registry, signature_defaults
-from utils import ConfigError, optimizer_state_bytes
+
+from prefopt import optim as optimizers
+from prefopt.memory import optimizer_state_bytes
+from prefopt.optim import registry, signature_defaults
+from utils import ConfigError
 
 # The micro model of conftest.MICRO_MODEL, counted by hand from its shapes:
 # vocab V=259 (256 bytes + 3 specials), hidden h=32, intermediate i=64, 1 layer, untied head.

@@ -4,8 +4,9 @@ few steps, or is refused at build time with a one-line reason."""
 import pytest
 import torch
 
-import optimizers
-from utils import ConfigError, optimizer_state_bytes
+from prefopt import optim as optimizers
+from prefopt.memory import optimizer_state_bytes
+from utils import ConfigError
 
 ALL_NAMES = sorted(optimizers.registry())
 

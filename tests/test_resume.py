@@ -3,14 +3,12 @@ same metrics, step for step, bit for bit, as a run never interrupted; SIGTERM
 stops cleanly with a checkpoint; a damaged checkpoint falls back to the
 previous one. Real subprocesses, not function calls."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import ROOT, read_metrics, run_cli
 
 # Timing and process-memory fields legitimately differ between two processes.

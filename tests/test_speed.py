@@ -6,10 +6,10 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from conftest import MICRO_MODEL
-from losses import gathered_logps, sequence_logps
+
 from preference_datasets import collate
+from prefopt.losses import gathered_logps, sequence_logps
 
 
 def test_head_only_at_scored_positions_equals_full_logits(micro_trainer):

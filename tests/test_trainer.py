@@ -1,12 +1,11 @@
 """The trainer in-process: concatenated forward, reference model, metrics
 contract, checkpoints, and every config option composing and building."""
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, compose, read_metrics
+
 from preference_datasets import collate
 from utils import ConfigError
 

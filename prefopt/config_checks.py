@@ -22,9 +22,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from prefopt import losses
 from utils import ConfigError
 
-CONFIG_DIR = Path(__file__).parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 CONFIG_NAME = "config"
 GROUPS = ("model", "loss", "optimizer", "dataset", "trainer")
 
@@ -102,11 +103,13 @@ DEFAULT_SOURCE = ConfigSource()
 
 
 def group_options(group: str, source: ConfigSource = DEFAULT_SOURCE) -> list[str]:
-    import optimizers
+    from prefopt import optim as optimizers
 
     names = {p.stem for d in source.dirs() for p in (d / group).glob("*.yaml")}
     if group == "optimizer":
         names |= set(optimizers.registry())
+    if group == "loss":
+        names |= set(losses.LOSSES)
     return sorted(names, key=str.lower)
 
 
@@ -139,12 +142,14 @@ def chosen(argv: list[str], group: str) -> list[str]:
 def check_group_choices(parsed: list, source: ConfigSource = DEFAULT_SOURCE) -> None:
     """A misspelled `group=name` (also inside a sweep list `a,b,c`), in the
     parsed overrides."""
-    import optimizers
+    from prefopt import optim as optimizers
 
     for group in GROUPS:
         for choice in _choices(parsed, group):
             if any((d / group / f"{choice}.yaml").is_file() for d in source.dirs()):
                 continue
+            if group == "loss" and choice in losses.LOSSES:
+                continue   # config nodes generated from the loss registry
             if group == "optimizer" and optimizers.find_entry(choice) is not None:
                 continue   # found without importing every optional optimizer package
             raise ConfigError(optimizers.unknown_name_message(group, choice, group_options(group, source)))
@@ -162,6 +167,7 @@ def _compose(overrides: list[str], source: ConfigSource, return_hydra_config: bo
     """compose() inside an initialized Hydra."""
     from hydra import compose as hydra_compose
 
+    losses.register_configs()   # the loss nodes are generated (idempotent); optimizer nodes are registered by the caller
     return hydra_compose(source.config_name, overrides=[*source.search_path_override(), *overrides],
                          return_hydra_config=return_hydra_config)
 
@@ -415,7 +421,7 @@ def _check_types(cfg: DictConfig, defaults: DictConfig) -> None:
     keeps its length and item types...). An optimizer keyword goes by its
     constructor's signature (optimizers.config_kinds): `momentum: float = 0`
     takes 0.9."""
-    import optimizers
+    from prefopt import optim as optimizers
 
     ignore = ("run_dir", "wandb.name", "wandb.group", "wandb.tags", "model.archive")
     default_leaves = dict(_leaves(OmegaConf.to_container(defaults, resolve=False)))
@@ -465,8 +471,8 @@ def _writable_dir(path: str) -> None:
 
 def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     """All the checks that need no model and no data."""
-    import optimizers
-    from models import resolve_archive
+    from prefopt import optim as optimizers
+    from prefopt.models import resolve_archive
 
     if defaults is not None:
         _check_types(cfg, defaults)
@@ -497,7 +503,7 @@ def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
         resolve_archive(cfg.model.archive)
     _writable_dir(cfg.run_dir)
     if cfg.resume:
-        import checkpoints
+        from prefopt import checkpoints
 
         if not checkpoints.list_checkpoints(Path(cfg.run_dir)):
             raise ConfigError(f"resume=true but {checkpoints.checkpoint_root(Path(cfg.run_dir))} has no checkpoint; "

@@ -1,12 +1,12 @@
 """Measure prefopt's real training step: tokens/s, where the step's time goes,
 model FLOPs utilisation, memory. Optionally against Hugging Face TRL.
 
-    python bench.py                                   # tiny Llama, DPO, AdamW, 8 pairs x ~125 tokens
-    python bench.py loss.precompute_reference=true compile=true
-    python bench.py model=smollm2-135m batch_size=4 --steps 5
-    python bench.py --size 25m                        # a ~25M-parameter Llama (hidden 512, 8 layers)
-    python bench.py --vs-trl                          # TRL's DPOTrainer and ours, back to back
-    python bench.py --variant share_prompt=false --variant ''   # settings of ours, interleaved
+    python benchmarks/bench.py                                   # tiny Llama, DPO, AdamW, 8 pairs x ~125 tokens
+    python benchmarks/bench.py loss.precompute_reference=true compile=true
+    python benchmarks/bench.py model=smollm2-135m batch_size=4 --steps 5
+    python benchmarks/bench.py model=llama-25m          # a ~25M-parameter Llama (config/model/llama-25m.yaml)
+    python benchmarks/bench.py --vs-trl                          # TRL's DPOTrainer and ours, back to back
+    python benchmarks/bench.py --variant share_prompt=false --variant ''   # settings of ours, interleaved
 
 Positional arguments are Hydra overrides of config/config.yaml (the same
 names as train.py); the bench's own defaults (BENCH_OVERRIDES) come first, so
@@ -49,7 +49,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run as `python benchmarks/bench.py` from anywhere
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -66,11 +67,6 @@ BENCH_OVERRIDES = [
     "max_length=256", "max_prompt_length=128", "n_eval_examples=8", "n_eval_generations=0", "eval_batch_size=8",
 ]
 MAX_WAIT = 0.0  # seconds to wait for a quiet machine before each measurement (--max-wait)
-SIZES = {
-    "tiny": [],  # config/model/tiny.yaml: hidden 256, intermediate 688, 4 layers, 4 heads (3.3M parameters)
-    "25m": ["model.config.hidden_size=512", "model.config.intermediate_size=1376", "model.config.num_hidden_layers=8",
-            "model.config.num_attention_heads=8", "model.config.num_key_value_heads=8"],
-}
 
 
 # ----------------------------------------------------------------------------
@@ -230,14 +226,11 @@ def timed_trainer_class():
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import optimizers
+    from prefopt import optim as optimizers
+    from prefopt.config_checks import compose as compose_config
 
     optimizers.register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def time_optimizer_step(trainer) -> None:
@@ -256,7 +249,7 @@ def time_optimizer_step(trainer) -> None:
 
 
 def run_ours(overrides: list[str], steps: int, warmup: int, peak_gflops: float, label: str = "prefopt") -> dict:
-    from utils import optimizer_state_bytes, tensor_bytes
+    from prefopt.memory import optimizer_state_bytes, tensor_bytes
 
     cfg = compose(BENCH_OVERRIDES + overrides)
     with tempfile.TemporaryDirectory(prefix="prefopt-bench-") as run_dir:
@@ -331,13 +324,13 @@ def run_trl(overrides: list[str], steps: int, warmup: int, peak_gflops: float, p
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from models import build_model, build_tokenizer
     from preference_datasets import apply_chat_template, get_examples
+    from prefopt.models import build_model, build_tokenizer
     from utils import set_seed
 
     datasets.disable_progress_bars()
     if keep_memory:
-        from utils import keep_cpu_memory
+        from prefopt.memory import keep_cpu_memory
         keep_cpu_memory()
     cfg = compose(BENCH_OVERRIDES + overrides)
     set_seed(cfg.seed)
@@ -424,7 +417,7 @@ def run_block_in_subprocess(who: str, args, peak: float, extra: list[str] = ()) 
     import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--block", who, "--peak", str(peak),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size,
+           "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--max-wait", str(args.max_wait), *(["--threads", str(args.threads)] if args.threads else []),
            *(["--trl-compile", args.trl_compile] if args.trl_compile else []),
            *(["--trl-keep-cpu-memory"] if args.trl_keep_cpu_memory else []), "--", *args.overrides, *extra]
@@ -476,7 +469,6 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (e.g. loss.precompute_reference=true)")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default 3)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size preset for model=tiny")
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer on the same setup")
     parser.add_argument("--rounds", type=int, default=2,
                         help="--vs-trl / --variant: rounds of the blocks in ABBA order; the median of each is reported")
@@ -507,7 +499,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(ROOT))
     from utils import ConfigError, fail, resolve_device
 
-    overrides = SIZES[args.size] + args.overrides
+    overrides = list(args.overrides)
     if args.block:  # one measurement for --vs-trl, in a fresh process: its result is the last line
         cfg = compose(BENCH_OVERRIDES + overrides)
         if args.block == "trl":

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import rundir
+from prefopt import rundir
 from utils import ConfigError, TrainingError, atomic_write_text
 
 STATE_FILE = "training_state.pt"
@@ -127,7 +127,7 @@ def is_loadable(ckpt: Path) -> str | None:
         json.loads((ckpt / "prefopt_state.json").read_text())
         sharded = ckpt / "dcp" / ".metadata"   # trainer=fsdp: its index, read without unrestricted pickle
         if sharded.is_file():
-            import safe_dcp
+            from prefopt.distributed import safe_dcp
 
             safe_dcp.read_metadata(sharded)
         return None

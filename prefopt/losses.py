@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from utils import ConfigError
 
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(label_t | tokens_<t) over the positions whose label is not
     -100, per sequence, and the number of such positions.

@@ -30,14 +30,15 @@ import functools
 import inspect
 import io
 import logging
-import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
+from prefopt.optim.param_roles import parameter_groups
+from prefopt.optim.wrappers import OffloadedOptimizer, build_muon
 from utils import ConfigError
 
 
@@ -50,12 +51,22 @@ class OptimizerEntry:
     build:   (model, kwargs, decay_embeddings) -> torch.optim.Optimizer;
              kwargs include lr.
     refuse:  if set, why this optimizer cannot train in prefopt (one line).
+    fsdp:    how it runs under trainer=fsdp: ELEMENTWISE (on the sharded
+             DTensor parameters as they are), BLOCKWISE (on local shards, its
+             block statistics summed over ranks: Adam-mini), or why it cannot.
     """
 
     name: str
     target: Callable | None
     build: Callable[[nn.Module, dict, bool], torch.optim.Optimizer]
     refuse: str | None = None
+    fsdp: str = "it has not been verified on sharded parameters (an optimizer that looks at whole tensors, e.g. " \
+                "per-tensor norms or factored/matrix preconditioners, would silently compute something else on 1/N slices)"
+
+
+# OptimizerEntry.fsdp values that train; each is stepped on 2 ranks against
+# trainer=basic in tests/test_fsdp.py.
+ELEMENTWISE, BLOCKWISE = "elementwise", "blockwise"
 
 
 def _build_with_groups(cls: type) -> Callable:
@@ -72,6 +83,13 @@ def _missing(name: str, package: str, pip_name: str | None = None) -> OptimizerE
 
 # ---------------------------------------------------------------- torch.optim
 
+TORCH_FSDP = {
+    **dict.fromkeys(("ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "SGD"),
+                    ELEMENTWISE),
+    "Adafactor": "it keeps row and column means of each whole weight matrix, and under FSDP a rank holds only a "
+                 "slice of it",
+    "Rprop": "torch's DTensor has no sharding rule for the in-place index_put_ its step uses",
+}
 TORCH_REFUSALS = {
     "SparseAdam": "SparseAdam only accepts sparse gradients (nn.Embedding(sparse=True)); transformer weights get dense gradients. Use Adam or AdamW",
     "LBFGS": "LBFGS needs a closure that re-evaluates the loss several times per step, which a preference-training step does not provide. Use AdamW, RMSprop or SGD",
@@ -84,77 +102,24 @@ def _torch_entries() -> dict[str, OptimizerEntry]:
     for name in dir(torch.optim):
         cls = getattr(torch.optim, name)
         if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
-            entries[name] = OptimizerEntry(name, cls, _build_with_groups(cls), TORCH_REFUSALS.get(name))
+            entry = OptimizerEntry(name, cls, _build_with_groups(cls), TORCH_REFUSALS.get(name))
+            entries[name] = replace(entry, fsdp=TORCH_FSDP[name]) if name in TORCH_FSDP else entry
     return entries
 
 
 # ---------------------------------------------------------------- our own
 
 def _build_adam_mini(model: nn.Module, kwargs: dict, decay_embeddings: bool) -> torch.optim.Optimizer:
-    from adam_mini import build_adam_mini
+    from prefopt.optim.adam_mini import build_adam_mini
 
     # decay_embeddings is a run-level key (as lr): the same setting for every optimizer
     return build_adam_mini(model, decay_embeddings=decay_embeddings, **kwargs)
 
 
-def _init_wrapper(optimizer: torch.optim.Optimizer, defaults: dict, param_groups: list) -> None:
-    """What torch.optim.Optimizer.__init__ sets up, for an optimizer that
-    wraps others and shares their param_groups (it must not copy them, or an
-    LR schedule would not reach the inner optimizers): defaults, groups and
-    the hook registries (register_step_pre_hook etc. keep working)."""
-    optimizer.defaults, optimizer.param_groups = defaults, param_groups
-    optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks = {}, {}
-    optimizer._optimizer_state_dict_pre_hooks, optimizer._optimizer_state_dict_post_hooks = {}, {}
-    optimizer._optimizer_load_state_dict_pre_hooks, optimizer._optimizer_load_state_dict_post_hooks = {}, {}
 
 
-class OptimizerPair(torch.optim.Optimizer):
-    """Two optimizers over disjoint parameters that act as one: one step, one
-    zero_grad, one state_dict, one `state` (for exact memory accounting), and
-    `param_groups` shared with both, so an LR schedule drives both."""
-
-    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer):
-        self.parts = (first, second)
-        _init_wrapper(self, {}, first.param_groups + second.param_groups)
-
-    @property
-    def state(self):
-        return {**self.parts[0].state, **self.parts[1].state}
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for part in self.parts:
-            part.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        for part in self.parts:
-            part.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"parts": [part.state_dict() for part in self.parts]}
-
-    def load_state_dict(self, state_dict):
-        for part, sd in zip(self.parts, state_dict["parts"]):
-            part.load_state_dict(sd)
 
 
-def build_muon(model: nn.Module, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
-               nesterov: bool = True, ns_coefficients: tuple = (3.4445, -4.775, 2.0315), eps: float = 1e-7,
-               ns_steps: int = 5, adjust_lr_fn: str | None = "match_rms_adamw",
-               adamw_betas: tuple = (0.9, 0.95), adamw_eps: float = 1e-8, adamw_weight_decay: float = 0.0):
-    """torch's Muon for the hidden 2-D weight matrices, AdamW for everything
-    else (embeddings, output layer, norms, biases), in one optimizer, as Muon
-    is used in practice. With adjust_lr_fn="match_rms_adamw" (the default
-    here) Muon's update has AdamW's RMS, so one lr serves both halves."""
-    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    params = [p for p in model.parameters() if p.requires_grad]
-    matrices = [p for p in params if p.ndim == 2 and id(p) not in embeddings]
-    rest = [p for p in params if not (p.ndim == 2 and id(p) not in embeddings)]
-    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                            ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
-                            adjust_lr_fn=adjust_lr_fn)
-    adamw = torch.optim.AdamW(rest, lr=lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay)
-    return OptimizerPair(muon, adamw)
 
 
 def _build_function(fn: Callable) -> Callable:
@@ -163,11 +128,13 @@ def _build_function(fn: Callable) -> Callable:
 
 @functools.cache
 def _own_entries() -> dict[str, OptimizerEntry]:
-    entries = {"Muon": OptimizerEntry("Muon", build_muon, _build_function(build_muon))}
+    entries = {"Muon": OptimizerEntry("Muon", build_muon, _build_function(build_muon), fsdp=(
+        "it orthogonalizes whole weight matrices (Newton-Schulz iterations), and under FSDP a rank holds only a "
+        "slice of each"))}
     try:
-        from adam_mini import build_adam_mini
+        from prefopt.optim.adam_mini import build_adam_mini
 
-        entries["adam_mini"] = OptimizerEntry("adam_mini", build_adam_mini, _build_adam_mini)
+        entries["adam_mini"] = OptimizerEntry("adam_mini", build_adam_mini, _build_adam_mini, fsdp=BLOCKWISE)
     except ImportError as e:
         entries["adam_mini"] = _missing("adam_mini", e.name)
     return entries
@@ -283,6 +250,12 @@ def find_entry(name: str) -> OptimizerEntry | None:
     return None
 
 
+def fsdp_supported() -> list[str]:
+    """The names that train under trainer=fsdp (only ours and torch's do)."""
+    entries = {**_own_entries(), **_torch_entries()}
+    return sorted((n for n, e in entries.items() if e.fsdp in (ELEMENTWISE, BLOCKWISE)), key=str.lower)
+
+
 def get_entry(name: str) -> OptimizerEntry:
     entry = find_entry(name)
     if entry is None:
@@ -332,7 +305,7 @@ def annotation_kind(annotation):
     import types
     import typing
 
-    from config_checks import Kind, NoneType
+    from prefopt.config_checks import Kind, NoneType
 
     if annotation in (bool, int, float, str, NoneType):
         return Kind(frozenset({annotation}))
@@ -400,7 +373,7 @@ def keyword_kinds(target: Callable) -> dict:
     anything): from its annotation, else from its default, where an int
     default only says "a number" (without an annotation, `momentum=0` does not
     make momentum an integer)."""
-    from config_checks import Kind
+    from prefopt.config_checks import Kind
 
     return {key: kind or Kind.of(value, int_is_number=True) for key, value, kind in _config_keywords(target)}
 
@@ -424,7 +397,7 @@ def register_configs(names=None) -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    yaml_dir = Path(__file__).parent / "config" / "optimizer"
+    yaml_dir = Path(__file__).resolve().parents[2] / "config" / "optimizer"
     if names is None:
         entries = registry()
     else:
@@ -483,100 +456,3 @@ def build_optimizer(model: nn.Module, name: str, opt_cfg: dict, lr: float, devic
         return OffloadedOptimizer(optimizer, offload_to) if offload_to else optimizer
     except (TypeError, ValueError, NotImplementedError) as e:
         raise ConfigError(f"optimizer={name} rejected its settings: {str(e).splitlines()[0]}") from None
-
-
-# ----------------------------------------------------------------------------
-# CPU offload (seed 001, OpenRLHF's --adam_offload): the optimizer state and
-# fp32 master weights live in CPU memory while the model trains on the GPU.
-
-class OffloadedOptimizer(torch.optim.Optimizer):
-    """Wraps a freshly built optimizer so that its parameters are fp32 master
-    copies on `device` (CPU): each step copies the gradients there, steps
-    there (so every state tensor is created there), and copies the updated
-    weights back into the model. GPU memory then holds no optimizer state."""
-
-    def __init__(self, inner: torch.optim.Optimizer, device: str | torch.device = "cpu"):
-        if any(inner.state.values()):
-            raise ConfigError(f"cpu_offload=true needs an optimizer that creates its state at the first step; "
-                              f"{type(inner).__name__} creates it at construction")
-        self.inner, self.device = inner, torch.device(device)
-        self.pairs = []                    # (model parameter, master copy)
-        for group in inner.param_groups:
-            masters = []
-            for p in group["params"]:
-                master = p.detach().to(self.device, torch.float32, copy=True).requires_grad_(p.requires_grad)
-                self.pairs.append((p, master))
-                masters.append(master)
-            group["params"] = masters
-        _init_wrapper(self, inner.defaults, inner.param_groups)
-
-    @property
-    def state(self):
-        return self.inner.state
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for p, master in self.pairs:
-            master.grad = None if p.grad is None else p.grad.to(self.device, torch.float32)
-        self.inner.step()
-        for p, master in self.pairs:
-            p.copy_(master, non_blocking=True)
-
-    def zero_grad(self, set_to_none: bool = True):
-        for p, master in self.pairs:
-            p.grad = master.grad = None
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    @torch.no_grad()
-    def load_state_dict(self, state_dict):
-        for p, master in self.pairs:   # the model's weights were just restored: masters follow them
-            master.copy_(p)
-        self.inner.load_state_dict(state_dict)
-
-
-# ----------------------------------------------------------------------------
-# Parameter groups, built in one place: weight decay for weight matrices only.
-# Biases and norm gains are 1-D (decaying them just fights the normalisation),
-# and embeddings hold rare-token rows that decay would pull to zero, so they
-# are excluded unless `decay_embeddings` is set.
-
-def parameter_groups(model: nn.Module, weight_decay: float | None, decay_embeddings: bool) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not weight_decay:
-        return [{"params": params}]
-    embeddings = set()
-    if not decay_embeddings:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None:
-                embeddings.add(id(module.weight))
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ----------------------------------------------------------------------------
-# Learning-rate schedules: a multiplier on the optimizer's lr per step.
-
-def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from 0 over `warmup_steps`, then
-    constant: 1;  linear: down to 0 at `total_steps`;  cosine: half a cosine to 0."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-def build_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"scheduler={schedule} is unknown; choose one of {', '.join(SCHEDULES)}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, schedule, warmup_steps, total_steps))

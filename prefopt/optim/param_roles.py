@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from prefopt.model_structure import decoder_blocks, is_attention, text_config
+
 try:  # GPT-2 style "Conv1D": a Linear whose weight is stored (in, out)
     from transformers.pytorch_utils import Conv1D
 except Exception:  # transformers missing or moved: no Conv1D layers to find
@@ -121,17 +123,6 @@ def _is_norm(mod):
     return isinstance(mod, norm_types) or type(mod).__name__.endswith("Norm")
 
 
-def _is_attention(mod):
-    return "attention" in type(mod).__name__.lower()
-
-
-def _text_config(model):
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()  # multimodal wrappers keep the LM config inside
-    return cfg
-
-
 def _head_geometry(cfg):
     """(num_heads, num_kv_heads, head_dim, hidden) from a config, or None."""
     nh = getattr(cfg, "num_attention_heads", None)
@@ -143,25 +134,11 @@ def _head_geometry(cfg):
     return nh, nkv, hd, hidden
 
 
-def _decoder_layers(model, cfg):
-    """The repeated transformer blocks: a ModuleList of num_hidden_layers
-    modules of one class, each containing an attention module."""
-    n_layers = getattr(cfg, "num_hidden_layers", None)
-    if not n_layers:
-        return []
-    for mod in model.modules():
-        if (isinstance(mod, nn.ModuleList) and len(mod) == n_layers
-                and len({type(m) for m in mod}) == 1
-                and any(_is_attention(m) for m in mod[0].modules())):
-            return list(mod)
-    return []
-
-
 def _outermost_attention(layer):
     """Attention modules in a layer, not nested in another attention module."""
     found = []
     for mod in layer.modules():
-        if mod is not layer and _is_attention(mod):
+        if mod is not layer and is_attention(mod):
             if not any(any(m is mod for m in outer.modules()) for outer in found):
                 found.append(mod)
     return found
@@ -226,10 +203,10 @@ def parameter_roles(model):
         pass
 
     # 2) attention projections and MLP weights of each decoder layer.
-    cfg = _text_config(model)
+    cfg = text_config(model)
     geom = _head_geometry(cfg) if cfg is not None else None
     try:
-        layers = _decoder_layers(model, cfg) if geom is not None else []
+        layers = decoder_blocks(model, cfg) if geom is not None else []
         for layer in layers:
             attns = _outermost_attention(layer)
             for attn in attns:
@@ -253,3 +230,23 @@ def parameter_roles(model):
 
     return {name: by_id.get(id(p), ParamRole("other"))
             for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------
+# Parameter groups, built in one place: weight decay for weight matrices only.
+# Biases and norm gains are 1-D (decaying them just fights the normalisation),
+# and embeddings hold rare-token rows that decay would pull to zero, so they
+# are excluded unless `decay_embeddings` is set.
+
+def parameter_groups(model: nn.Module, weight_decay: float | None, decay_embeddings: bool) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": params}]
+    embeddings = set()
+    if not decay_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                embeddings.add(id(module.weight))
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

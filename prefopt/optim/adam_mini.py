@@ -71,7 +71,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.adam import adam as _adam_functional
 
-from param_roles import ParamRole, no_decay, parameter_roles
+from prefopt.optim.param_roles import ParamRole, no_decay, parameter_roles
 
 PARTITIONS = ("paper", "neuron")
 _OTHER = ParamRole("other")
@@ -267,20 +267,6 @@ def _unshift(p, state):
     shift = state.pop("decay_shift", 0.0)
     if shift:
         state["exp_avg"].sub_(p, alpha=shift)
-
-
-def optimizer_state_bytes(optimizer):
-    """Exact bytes held by the tensors in optimizer.state (shared storages counted once)."""
-    seen, total = set(), 0
-    for state in optimizer.state.values():
-        for v in state.values():
-            if torch.is_tensor(v):
-                st = v.untyped_storage()
-                key = (st.data_ptr(), v.device)
-                if key not in seen:
-                    seen.add(key)
-                    total += st.nbytes()
-    return total
 
 
 # -----------------------------------------------------------------------------
@@ -629,24 +615,11 @@ def build_adam_mini(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0
 
 
 def official_adam_mini():
-    """The official package's Adam_mini class, or None if it is not installed.
-    That package is also called "adam_mini", so this file shadows it whenever
-    the repository root is on sys.path; load it from the other sys.path
-    entries under the name "adam_mini_official" (tests and benchmark only)."""
-    import importlib.machinery
-    import importlib.util
-    import os
-    import sys
-    if "adam_mini_official" not in sys.modules:
-        here = os.path.dirname(os.path.abspath(__file__))
-        paths = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != here]
-        found = importlib.machinery.PathFinder.find_spec("adam_mini", paths)
-        if found is None or not found.submodule_search_locations:
-            return None
-        spec = importlib.util.spec_from_file_location(
-            "adam_mini_official", found.origin,
-            submodule_search_locations=list(found.submodule_search_locations))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["adam_mini_official"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["adam_mini_official"].Adam_mini
+    """The official package's Adam_mini class (PyPI `adam-mini`, a test and
+    benchmark dependency, importable as `adam_mini` now that ours lives at
+    prefopt.optim.adam_mini), or None if it is not installed."""
+    try:
+        from adam_mini import Adam_mini
+    except ImportError:
+        return None
+    return Adam_mini

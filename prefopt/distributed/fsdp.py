@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -47,39 +44,25 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-import checkpoints
-import optimizers
-import rundir
+from prefopt import checkpoints
+from prefopt import optim as optimizers
+from prefopt.distributed.launch import relaunch, requested_nproc
+from prefopt.distributed.sharding import broadcast_object, compute_dtype, local, shard_model
+from prefopt.memory import optimizer_state_bytes, tensor_bytes
+from prefopt.optim.sharded import LocalShardOptimizer, blocks_of, with_summed_block_stats
 from trainers import BasicTrainer
-from utils import (ConfigError, atomic_directory, atomic_write_text, optimizer_state_bytes, resolve_device,
-                   resolve_dtype, tensor_bytes)
+from utils import ConfigError, atomic_directory, resolve_device
 
-# Which optimizers train under FSDP. Elementwise ones run on the sharded
-# DTensor parameters exactly as on whole tensors; a block-structured one
-# (Adam-mini) runs on the local shards with its block statistics summed over
-# the ranks. Each is stepped on 2 ranks against trainer=basic in
-# tests/test_fsdp.py. Everything else is refused at start-up, in one line.
-FSDP_ELEMENTWISE = ("ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "SGD")
-FSDP_BLOCKWISE = ("adam_mini",)
 FUSED_ON_DTENSOR = ("Adam", "AdamW")  # the fused optimizer kernels DTensor has sharding rules for
-FSDP_REFUSALS = {
-    "Adafactor": "it keeps row and column means of each whole weight matrix, and under FSDP a rank holds only a "
-                 "slice of it",
-    "Muon": "it orthogonalizes whole weight matrices (Newton-Schulz iterations), and under FSDP a rank holds only "
-            "a slice of each",
-    "Rprop": "torch's DTensor has no sharding rule for the in-place index_put_ its step uses",
-}
 
 
 def fsdp_refusal(name: str) -> str | None:
-    """Why optimizer `name` cannot train under trainer=fsdp (None: it can)."""
-    if name in FSDP_ELEMENTWISE or name in FSDP_BLOCKWISE:
+    """Why optimizer `name` cannot train under trainer=fsdp (None: it can); the
+    registry entry says (OptimizerEntry.fsdp)."""
+    how = optimizers.get_entry(name).fsdp
+    if how in (optimizers.ELEMENTWISE, optimizers.BLOCKWISE):
         return None
-    supported = ", ".join(FSDP_ELEMENTWISE + FSDP_BLOCKWISE)
-    why = FSDP_REFUSALS.get(name) or (
-        "it has not been verified on sharded parameters (an optimizer that looks at whole tensors, e.g. per-tensor "
-        "norms or factored/matrix preconditioners, would silently compute something else on 1/N slices)")
-    return f"{why}; trainer=fsdp runs {supported}; use trainer=basic for {name}"
+    return f"{how}; trainer=fsdp runs {', '.join(optimizers.fsdp_supported())}; use trainer=basic for {name}"
 
 
 RANK_STATE = "training_state.rank{}.pt"  # ranks >= 1; rank 0 writes checkpoints.STATE_FILE
@@ -388,8 +371,9 @@ class FSDPTrainer(BasicTrainer):
         dist.barrier()
 
     def load_checkpoint(self, ckpt: Path) -> None:
-        import safe_dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        from prefopt.distributed import safe_dcp
 
         if not (ckpt / DCP_DIR / ".metadata").is_file():
             raise ConfigError(f"{ckpt} has no sharded state ({DCP_DIR}/): it was written by trainer=basic. Resume it "
@@ -420,256 +404,3 @@ class FSDPTrainer(BasicTrainer):
         if getattr(self, "_owns_process_group", False) and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------
-# Sharding: one function applies FSDP2 to a model.
-
-def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks: the ModuleList of config.num_hidden_layers
-    modules (model.model.layers for Llama, transformer.h for GPT-2...)."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n and len(module) > 0:
-            return list(module)
-    return []
-
-
-def shard_model(model: torch.nn.Module, mesh, *, placements: dict | None = None, reshard_after_forward: bool = True,
-                param_dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> torch.nn.Module:
-    """`fully_shard` each decoder block, then the root (embeddings, final norm,
-    lm_head). `placements`: {parameter name: Shard(dim)} where dim 0 is not
-    wanted. `param_dtype`: compute dtype (bf16 on GPU) with gradients reduced in
-    fp32 and master weights kept in their storage dtype. Activation
-    checkpointing recomputes each block in backward."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    if activation_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    storage = next(model.parameters()).dtype
-    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-          if param_dtype is not None and param_dtype != storage else MixedPrecisionPolicy())
-    by_id = {id(p): placements[n] for n, p in model.named_parameters() if n in (placements or {})}
-    options = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=(lambda p: by_id.get(id(p))) if by_id else None)
-    for block in decoder_blocks(model):
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **options)
-    # transformers' generate() then keeps every rank stepping until all ranks
-    # are done (synced_gpus), so ranks whose answers end early do not hang the rest.
-    model._is_fsdp_managed_module = True
-    # model.fsdp_forward(fn) runs fn() as a forward of the root module: its
-    # parameters are gathered (and, on GPU, the optimizer step is waited for)
-    # even when fn calls submodules directly instead of model.forward.
-    model.fsdp_forward = _call
-    register_fsdp_forward_method(model, "fsdp_forward")
-    return model
-
-
-def _call(fn):
-    return fn()
-
-
-def local(t):
-    """The local shard of a DTensor (the tensor itself otherwise)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def broadcast_object(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# ----------------------------------------------------------------------------
-# Precision and process count.
-
-def compute_dtype(mixed_precision, precision: str, device: torch.device) -> torch.dtype | None:
-    """The forward/backward dtype: `auto` is bf16 on GPU and the storage dtype
-    (`precision`) on CPU; bf16/fp16 on CPU are refused by utils.resolve_dtype."""
-    if mixed_precision in (None, "auto"):
-        mixed_precision = "bf16" if device.type == "cuda" else precision
-    try:
-        return resolve_dtype(mixed_precision, device)
-    except ConfigError as e:
-        raise ConfigError(f"trainer.mixed_precision: {e}") from None
-
-
-def requested_nproc(nproc, device: torch.device) -> int:
-    """`trainer.nproc`: null/auto = one process per visible GPU (1 on CPU)."""
-    if nproc in (None, "auto"):
-        return torch.cuda.device_count() if device.type == "cuda" else 1
-    if isinstance(nproc, str) and nproc.isdigit():
-        nproc = int(nproc)
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
-        raise ConfigError(f"trainer.nproc={nproc!r} must be auto or a positive integer")
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise ConfigError(f"trainer.nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
-    return nproc
-
-
-# torch.distributed.run, except that a worker's failure ends it with the
-# worker's exit status and no launcher traceback: the worker has already said
-# what went wrong in one line.
-_LAUNCHER = """import sys
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main
-try:
-    main(sys.argv[1:])
-except ChildFailedError as e:
-    code = e.get_first_failure()[1].exitcode
-    sys.exit(code if code > 0 else 128 - code)
-"""
-
-
-def relaunch(nproc: int, run_dir: Path) -> None:
-    """Start `nproc` copies of this command under torch.distributed.run (what
-    `torchrun --standalone --nproc_per_node=<nproc>` does), all with this run's
-    run_dir, wait for them and exit with their status."""
-    overrides = [o for o in rundir.this_jobs_overrides() if o.lstrip("+~").split("=", 1)[0] != "run_dir"]
-    script = os.path.abspath(sys.argv[0])
-    if not script.endswith(".py"):
-        raise ConfigError(f"trainer.nproc={nproc} starts the processes from train.py; run "
-                          f"torchrun --nproc_per_node={nproc} train.py trainer=fsdp ... instead")
-    cmd = [sys.executable, "-c", _LAUNCHER, "--standalone", f"--nproc_per_node={nproc}",
-           script, *overrides, rundir.run_dir_override(run_dir)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print(f"trainer=fsdp: starting {nproc} processes (torchrun --standalone --nproc_per_node={nproc})",
-          file=sys.stderr, flush=True)
-    # Its own session: a terminal's Ctrl-C reaches only this process, which
-    # passes it on once; the launcher then sends SIGTERM to each worker once
-    # (two signals would make a worker exit without its checkpoint).
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-    try:
-        code = proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    raise SystemExit(code)
-
-
-# ----------------------------------------------------------------------------
-# Block-structured optimizers (Adam-mini) on local shards.
-
-def blocks_of(layout) -> str | int:
-    """What must survive sharding: per-element second moments stay per element,
-    and a blocked tensor keeps its number of blocks."""
-    return "full" if layout.full else layout.num_blocks
-
-
-def with_summed_block_stats(cls: type) -> type:
-    """`cls` with its `block_stats` hook summing the per-block statistics (sum of
-    g^2, element count) over the shard group, so a block's mean is over the
-    whole block, not over this rank's slice. One all_reduce per step for all
-    tensors; the counts never change and are reduced once."""
-
-    class Sharded(cls):
-        process_group = None
-
-        def block_stats(self, grads, layouts):
-            sums, counts = super().block_stats(grads, layouts)
-            if self.process_group is None or dist.get_world_size(self.process_group) == 1 or not layouts:
-                return sums, counts
-            # the same order on every rank, whatever order the step chose
-            if not hasattr(self, "_block_index"):
-                self._block_index = {id(lay): i for i, lay in enumerate(self.layouts.values())}
-                self._count_cache = {}
-            order = sorted(range(len(layouts)), key=lambda i: self._block_index.get(id(layouts[i]), i))
-            sizes = [sums[i].shape[0] for i in order]
-            flat = torch.cat([sums[i].reshape(-1) for i in order])
-            dist.all_reduce(flat, group=self.process_group)
-            key = tuple(id(layouts[i]) for i in order)
-            total_counts = self._count_cache.get(key)
-            if total_counts is None:
-                total_counts = torch.cat([counts[i].reshape(-1) for i in order]).clone()
-                dist.all_reduce(total_counts, group=self.process_group)
-                self._count_cache[key] = total_counts
-            out_sums, out_counts = [None] * len(layouts), [None] * len(layouts)
-            for i, s, c in zip(order, flat.split(sizes), total_counts.split(sizes)):
-                out_sums[i], out_counts[i] = s.view(-1, 1), c.view(-1, 1)
-            return out_sums, out_counts
-
-    Sharded.__name__ = Sharded.__qualname__ = f"Sharded{cls.__name__}"
-    return Sharded
-
-
-class LocalShardOptimizer(torch.optim.Optimizer):
-    """Runs an optimizer written for plain tensors on this rank's shards.
-
-    The inner optimizer is built (by `build([(name, local shard)])`) over
-    leaf tensors that share storage with the local shards of the model's
-    DTensor parameters; before each step their .grad is set to the local
-    gradient shards. This outer optimizer holds the DTensor parameters in the
-    same groups, so LR schedules, zero_grad and torch.distributed.checkpoint
-    see an ordinary optimizer: its state holds the inner state as DTensors
-    (tensors shaped like the shard) or as they are (per-block statistics and
-    step counters, identical on every rank), sharing storage, never copied.
-    """
-
-    def __init__(self, model: torch.nn.Module, build):
-        self._pairs = [(p, local(p).detach().requires_grad_(True))
-                       for p in model.parameters() if p.requires_grad]
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.inner = build([(names[id(p)], q) for p, q in self._pairs])
-        outer_of = {id(q): p for p, q in self._pairs}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [outer_of[id(q)] for q in g["params"]]}
-                  for g in self.inner.param_groups]
-        super().__init__(groups, dict(self.inner.defaults))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            inner.update({k: v for k, v in outer.items() if k != "params"})  # lr from the scheduler, ...
-        for p, q in self._pairs:
-            shard = local(p)
-            if q.data_ptr() != shard.data_ptr() or q.shape != shard.shape:
-                q.data = shard  # FSDP re-created the shard's storage (e.g. at lazy init)
-            q.grad = None if p.grad is None else local(p.grad)
-        try:
-            self.inner.step()
-        finally:
-            for _, q in self._pairs:
-                q.grad = None
-        self._link()
-        return loss
-
-    def _link(self) -> None:
-        """Expose the inner state, keyed by the DTensor parameters."""
-        from torch.distributed.tensor import DTensor
-
-        for p, q in self._pairs:
-            inner = self.inner.state.get(q)
-            if not inner:
-                continue
-            outer = self.state[p]
-            for k, v in inner.items():
-                current = outer.get(k)
-                if current is v or (isinstance(current, DTensor) and current.to_local() is v):
-                    continue
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape == q.shape and isinstance(p, DTensor):
-                    v = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                           shape=p.shape, stride=p.stride())
-                outer[k] = v
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        index = {id(q): i for i, q in enumerate(q for g in self.inner.param_groups for q in g["params"])}
-        inner_state = {index[id(q)]: {k: local(v) for k, v in self.state[p].items()}
-                       for p, q in self._pairs if self.state.get(p)}
-        groups = [{**{k: v for k, v in outer.items() if k != "params"}, "params": [index[id(q)] for q in inner["params"]]}
-                  for outer, inner in zip(self.param_groups, self.inner.param_groups)]
-        self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
-        self._link()

@@ -1,9 +1,9 @@
 """
 Benchmark optimizer.step() time and optimizer-state memory on a random Llama.
 
-    python bench_optim.py --model-size 30m --steps 30
-    python bench_optim.py --optimizers AdamW,adam_mini --weight-decay 0.1
-    python bench_optim.py --optimizers AdamW,RMSprop,Adafactor,AdamW8bit,Lion   # any registry name
+    python benchmarks/bench_optim.py --model llama-30m --steps 30
+    python benchmarks/bench_optim.py --optimizers AdamW,adam_mini --weight-decay 0.1
+    python benchmarks/bench_optim.py --optimizers AdamW,RMSprop,Adafactor,AdamW8bit,Lion   # any registry name
 
 One real forward/backward on random tokens makes realistic gradients; every
 optimizer gets its own copy of the model with those gradients and they are
@@ -19,23 +19,18 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
-from adam_mini import build_adam_mini, official_adam_mini, optimizer_state_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as `python benchmarks/bench_optim.py`
+from prefopt.memory import optimizer_state_bytes
+from prefopt.optim.adam_mini import build_adam_mini, official_adam_mini
 
-MODEL_SIZES = {
-    # ~1.05M parameters, for a quick look
-    "small": dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=4),
-    # ~29.5M parameters. The vocabulary is kept small so that embedding + lm_head
-    # are ~14% of the parameters, as in real LLMs (with a 32k vocabulary at
-    # hidden 512 they would be 56%, and those tensors run plain AdamW in Adam-mini).
-    "30m": dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=8),
-}
+MODELS = Path(__file__).resolve().parents[1] / "config" / "model"   # --model <name>: config/model/<name>.yaml
 
 
 def _official(model, lr, weight_decay):
@@ -61,7 +56,7 @@ DEFAULT_OPTIMIZERS = "AdamW,AdamW-foreach,adam_mini,adam_mini-neuron,adam_mini_o
 def build_optimizer(name, model, lr, weight_decay):
     if name in OPTIMIZERS:
         return OPTIMIZERS[name](model, lr, weight_decay)
-    import optimizers
+    from prefopt import optim as optimizers
 
     node = optimizers.signature_defaults(optimizers.get_entry(name).target)
     if "weight_decay" in node:
@@ -69,16 +64,23 @@ def build_optimizer(name, model, lr, weight_decay):
     return optimizers.build_optimizer(model, name, node, lr, torch.device("cpu"), run_values={"max_steps": 10**6})
 
 
-def build_model(size, seed=0):
+def build_model(name, seed=0):
+    """A random-init model from config/model/<name>.yaml (its `config` node
+    must give vocab_size: there is no tokenizer here)."""
+    from omegaconf import OmegaConf
+
+    from prefopt.models import transformers_config
+
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**MODEL_SIZES[size])
+    cfg = transformers_config(OmegaConf.load(MODELS / f"{name}.yaml"))
     return transformers.AutoModelForCausalLM.from_config(cfg).float()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="30m")
+    ap.add_argument("--model", choices=sorted(p.stem for p in MODELS.glob("llama-*m.yaml")), default="llama-30m",
+                    help="config/model/<name>.yaml")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer")
     ap.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
@@ -91,7 +93,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    import optimizers
+    from prefopt import optim as optimizers
     from utils import ConfigError
 
     try:
@@ -105,7 +107,7 @@ def main():
         names.remove("adam_mini_official")
 
     # one real backward pass for realistic gradients
-    base = build_model(args.model_size)
+    base = build_model(args.model)
     tokens = torch.randint(0, base.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
     base(input_ids=tokens, labels=tokens).loss.backward()
     n_params = sum(p.numel() for p in base.parameters())
@@ -129,7 +131,7 @@ def main():
 
     # other processes on the machine make timings noisy: say how busy it was
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"model: Llama {args.model_size}, {n_params / 1e6:.2f}M params, fp32, CPU threads={torch.get_num_threads()}, "
+    print(f"model: Llama {args.model}, {n_params / 1e6:.2f}M params, fp32, CPU threads={torch.get_num_threads()}, "
           f"weight_decay={args.weight_decay}, {args.steps} timed steps, 1-min load avg {load:.2f}")
     ref = statistics.median(times["AdamW"]) if "AdamW" in times else None
     header = (f"{'optimizer':<20}{'median ms':>10}{'p25 ms':>9}{'vs AdamW':>10}"
@@ -140,10 +142,10 @@ def main():
         med = statistics.median(times[name])
         p25 = statistics.quantiles(times[name], n=4)[0] if len(times[name]) > 1 else med
         ratio = f"{med / ref:.3f}" if ref else "-"
-        nbytes = optimizer_state_bytes(opts[name])
+        nbytes = optimizer_state_bytes(opts[name])[0]
         print(f"{name:<20}{med * 1e3:>10.2f}{p25 * 1e3:>9.2f}{ratio:>10}{nbytes:>14,}{nbytes / n_params:>13.3f}")
 
-    result = {"model_size": args.model_size, "params": n_params, "weight_decay": args.weight_decay,
+    result = {"model_size": args.model, "params": n_params, "weight_decay": args.weight_decay,
               "threads": torch.get_num_threads(), "steps": args.steps, "load_avg": round(load, 2)}
     if ref and "adam_mini" in times:
         result["adam_mini_vs_adamw_step_ratio"] = round(statistics.median(times["adam_mini"]) / ref, 4)
