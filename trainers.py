@@ -36,6 +36,7 @@ from preference_datasets import (
     tokenize_rows,
 )
 from prefopt import checkpoints, rundir
+from prefopt.config_checks import micro_batch_size
 from prefopt.divergence import DivergenceGuard
 from prefopt.losses import build_loss, gathered_logps, sft_loss
 from prefopt.memory import PeakMemory, keep_cpu_memory, optimizer_state_bytes, tensor_bytes
@@ -110,11 +111,7 @@ class BasicTrainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        if cfg.batch_size % (cfg.gradient_accumulation_steps * self.world_size):
-            raise ConfigError(
-                f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps"
-                f"={cfg.gradient_accumulation_steps} x world size {self.world_size}")
-        self.micro_batch_size = cfg.batch_size // (cfg.gradient_accumulation_steps * self.world_size)
+        self.micro_batch_size = micro_batch_size(cfg, self.world_size)
 
         train = tokenize_rows(self.train_rows, self.tokenizer, cfg)   # chat template, data.add_bos, truncation
         self.eval_examples = tokenize_rows(self.eval_rows, self.tokenizer, cfg)
@@ -228,16 +225,18 @@ class BasicTrainer:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in tensors])).float())
 
     def memory_metrics(self) -> dict[str, int]:
+        """`memory/*` of this process's live tensors (exact bytes, each storage
+        once; a sharded tensor counts its local shard), reduced over ranks."""
         params = list(self.policy.parameters())
         state_total, state_by_name = optimizer_state_bytes(self.optimizer)
-        metrics = {
-            "memory/params_bytes": tensor_bytes(params),
-            "memory/grads_bytes": tensor_bytes(p.grad for p in params),
-            "memory/optimizer_state_bytes": state_total,
-            "memory/peak_bytes": self.memory.read(),
-        }
-        metrics.update({f"memory/optimizer_state/{k}_bytes": v for k, v in state_by_name.items()})
-        return metrics
+        mine = {"params": tensor_bytes(params), "grads": tensor_bytes(p.grad for p in params),
+                "optimizer_state": state_total, "peak": self.memory.read()}
+        mine.update({f"optimizer_state/{k}": v for k, v in state_by_name.items()})
+        return self.reduce_memory(mine)
+
+    def reduce_memory(self, mine: dict[str, int]) -> dict[str, int]:
+        """{name: bytes} of this process -> `memory/<name>_bytes` metrics."""
+        return {f"memory/{k}_bytes": v for k, v in mine.items()}
 
     def save_model(self, directory: Path) -> None:
         from transformers.utils import logging as hf_logging
@@ -552,8 +551,19 @@ class BasicTrainer:
                                 f"{rundir.resume_command(self.run_dir)}") from None
 
     def load_checkpoint(self, ckpt: Path) -> None:
-        """Resume: weights into the policy (the reference stays the starting
-        model), then optimizer, schedule, counters, RNG and data position."""
+        """Resume: weights and optimizer, then schedule, counters, RNG and data
+        position; metrics.jsonl is cut back to the checkpoint's step."""
+        self.load_weights_and_state(ckpt)
+        if self.step > self.cfg.max_steps:
+            raise ConfigError(f"{ckpt} is at step {self.step}, past max_steps={self.cfg.max_steps}; resume with "
+                              f"max_steps >= {self.step}")
+        if self.is_main:
+            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step, self.print)
+        self.print(f"resumed from {ckpt} at step {self.step}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
+
+    def load_weights_and_state(self, ckpt: Path) -> None:
+        """Weights into the policy (the reference stays the starting model),
+        then the training state."""
         weights = checkpoints.load_model_weights(ckpt)
         policy = self._unwrapped(self.policy)
         missing, unexpected = policy.load_state_dict(weights, strict=False)
@@ -562,15 +572,6 @@ class BasicTrainer:
             raise ConfigError(f"checkpoint {ckpt} does not match the configured model "
                               f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
         self.load_training_state(checkpoints.load_state_file(ckpt))
-        self.check_resumed_step(ckpt)
-        if self.is_main:
-            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step, self.print)
-        self.print(f"resumed from {ckpt} at step {self.step}")
-
-    def check_resumed_step(self, ckpt: Path) -> None:
-        if self.step > self.cfg.max_steps:
-            raise ConfigError(f"{ckpt} is at step {self.step}, past max_steps={self.cfg.max_steps}; resume with "
-                              f"max_steps >= {self.step}")
 
     def print(self, message: str) -> None:
         if self.is_main:

@@ -469,6 +469,15 @@ def _writable_dir(path: str) -> None:
         raise ConfigError(f"run_dir={path} cannot be written ({e.strerror}); choose another run_dir") from None
 
 
+def micro_batch_size(cfg, world: int) -> int:
+    """Pairs per micro-batch per rank: `batch_size` split over gradient
+    accumulation steps and ranks, which must divide it."""
+    if cfg.batch_size % (cfg.gradient_accumulation_steps * world):
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps="
+                          f"{cfg.gradient_accumulation_steps} x world size {world}")
+    return cfg.batch_size // (cfg.gradient_accumulation_steps * world)
+
+
 def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     """All the checks that need no model and no data."""
     from prefopt import optim as optimizers
@@ -491,10 +500,7 @@ def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     _choice(cfg, "data.add_bos", ("auto", "always", "never", True, False))
     for key in ("divergence.param_norm_factor", "divergence.loss_factor", "divergence.patience"):
         _at_least(cfg, key, 1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % (cfg.gradient_accumulation_steps * world):
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps="
-                          f"{cfg.gradient_accumulation_steps} x world size {world}")
+    micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.warmup_steps >= cfg.max_steps and cfg.scheduler != "constant":
         raise ConfigError(f"warmup_steps={cfg.warmup_steps} leaves no steps for scheduler={cfg.scheduler} "
                           f"(max_steps={cfg.max_steps})")

@@ -38,7 +38,6 @@ import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -46,9 +45,9 @@ from omegaconf import OmegaConf
 
 from prefopt import checkpoints
 from prefopt import optim as optimizers
+from prefopt.config_checks import micro_batch_size
 from prefopt.distributed.launch import relaunch, requested_nproc
 from prefopt.distributed.sharding import broadcast_object, compute_dtype, local, shard_model
-from prefopt.memory import optimizer_state_bytes, tensor_bytes
 from prefopt.optim.sharded import LocalShardOptimizer, blocks_of, with_summed_block_stats
 from trainers import BasicTrainer
 from utils import ConfigError, atomic_directory, resolve_device
@@ -128,9 +127,7 @@ class FSDPTrainer(BasicTrainer):
 
     def _check_batch_split(self, world: int) -> None:
         cfg = self.cfg
-        if cfg.batch_size % (cfg.gradient_accumulation_steps * world):
-            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps="
-                              f"{cfg.gradient_accumulation_steps} x world size {world}")
+        micro_batch_size(cfg, world)
         keys = ("n_eval_examples", "n_eval_generations") if cfg.dataset.get("verifiable") else ("n_eval_examples",)
         for key in keys:
             if cfg[key] % world:
@@ -298,17 +295,9 @@ class FSDPTrainer(BasicTrainer):
         dist.all_reduce(sq)
         return sq.sqrt()
 
-    def memory_metrics(self) -> dict[str, int]:
-        """Bytes of this rank's shards, summed over ranks (`memory/<x>_bytes`)
-        and for the largest rank (`memory/<x>_bytes_per_rank`)."""
-        params = list(self.policy.parameters())
-        local_state = {p: {k: local(v) for k, v in s.items()} for p, s in self.optimizer.state.items()}
-        state_total, state_by_name = optimizer_state_bytes(SimpleNamespace(state=local_state))
-        mine = {"params": tensor_bytes(local(p) for p in params),
-                "grads": tensor_bytes(local(p.grad) for p in params),
-                "optimizer_state": state_total,
-                "peak": self.memory.read()}
-        mine.update({f"optimizer_state/{k}": v for k, v in state_by_name.items()})
+    def reduce_memory(self, mine: dict[str, int]) -> dict[str, int]:
+        """This rank's bytes summed over ranks (`memory/<x>_bytes`) and for the
+        largest rank (`memory/<x>_bytes_per_rank`): two all_reduces."""
         keys = sorted(mine)
         values = torch.tensor([mine[k] for k in keys], dtype=torch.int64, device=self.device)
         total, largest = values.clone(), values.clone()
@@ -316,11 +305,9 @@ class FSDPTrainer(BasicTrainer):
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         total, largest = dict(zip(keys, total.tolist())), dict(zip(keys, largest.tolist()))
         metrics = {}
-        for k in ("params", "grads", "optimizer_state"):
+        for k in ("params", "grads", "optimizer_state", "peak"):
             metrics[f"memory/{k}_bytes"] = total[k]
             metrics[f"memory/{k}_bytes_per_rank"] = largest[k]
-        metrics["memory/peak_bytes"] = total["peak"]
-        metrics["memory/peak_bytes_per_rank"] = largest["peak"]
         metrics.update({f"memory/{k}_bytes": total[k] for k in keys if k.startswith("optimizer_state/")})
         return metrics
 
@@ -370,7 +357,9 @@ class FSDPTrainer(BasicTrainer):
             dist.barrier()  # every rank's files are in tmp before rank 0 fsyncs and renames it
         dist.barrier()
 
-    def load_checkpoint(self, ckpt: Path) -> None:
+    def load_weights_and_state(self, ckpt: Path) -> None:
+        """The sharded model and optimizer through DCP (without unrestricted
+        unpickling), then this rank's training state."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         from prefopt.distributed import safe_dcp
@@ -379,17 +368,13 @@ class FSDPTrainer(BasicTrainer):
             raise ConfigError(f"{ckpt} has no sharded state ({DCP_DIR}/): it was written by trainer=basic. Resume it "
                               f"with trainer=basic, or start from its weights with model.archive={ckpt}")
         state = self._sharded_state()
-        safe_dcp.load(state, ckpt / DCP_DIR)  # dcp.load without unrestricted unpickling
+        safe_dcp.load(state, ckpt / DCP_DIR)
         # optimizer first: torch may initialise an empty optimizer state with a zero-lr step
         set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         set_model_state_dict(self.policy, state["model"])
         mine = ckpt / RANK_STATE.format(self.rank)
         own = mine if self.rank and mine.is_file() else ckpt / checkpoints.STATE_FILE
         self.load_training_state(torch.load(own, map_location="cpu", weights_only=True))
-        self.check_resumed_step(ckpt)
-        if self.is_main:
-            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step, self.print)
-        self.print(f"resumed from {ckpt} at step {self.step} ({self.world_size} ranks)")
         dist.barrier()
 
     def _sharded_state(self) -> dict:

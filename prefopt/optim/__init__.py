@@ -3,9 +3,22 @@ node), wrappers (Muon + AdamW, CPU offload), LR schedules, parameter roles and
 groups, our Adam-mini, and the adapter that runs a block-structured optimizer
 on FSDP shards. The names below are the registry's public interface."""
 from prefopt.optim.param_roles import parameter_groups
-from prefopt.optim.registry import (BLOCKWISE, ELEMENTWISE, OptimizerEntry, build_optimizer, config_kinds,
-                                    find_entry, fsdp_supported, get_entry, keyword_kinds, optimizer_kwargs,
-                                    register_configs, registry, signature_defaults, unknown_name_message)
+from prefopt.optim.registry import (
+                                    BLOCKWISE,
+                                    ELEMENTWISE,
+                                    OptimizerEntry,
+                                    build_optimizer,
+                                    config_kinds,
+                                    find_entry,
+                                    fsdp_supported,
+                                    get_entry,
+                                    keyword_kinds,
+                                    optimizer_kwargs,
+                                    register_configs,
+                                    registry,
+                                    signature_defaults,
+                                    unknown_name_message,
+)
 from prefopt.optim.schedules import SCHEDULES, build_scheduler, lr_multiplier
 from prefopt.optim.wrappers import OffloadedOptimizer, OptimizerPair, build_muon
 
