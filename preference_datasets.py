@@ -329,7 +329,8 @@ def _collate_shared(examples: list[TokenizedExample], pad_id: int) -> dict[str, 
     # would be NaN, and a NaN activation poisons weight gradients even unscored
     mask |= torch.eye(length, dtype=torch.bool)
     return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
-            "score_rows": torch.tensor(rows, dtype=torch.long), "score_targets": torch.tensor(targets, dtype=torch.long),
+            "score_rows": torch.tensor(rows, dtype=torch.long),
+            "score_targets": torch.tensor(targets, dtype=torch.long),
             "score_seq": torch.tensor(seqs, dtype=torch.long), "n_scored": torch.tensor(n_scored[0] + n_scored[1])}
 
 

@@ -94,7 +94,8 @@ class BasicTrainer:
         if self.divergence.enabled and self.divergence.start_norm is None:
             self.divergence.check_norm(self.parameter_norm())   # the reference: the weights the run starts from
         self.logger = self._setup_logger() if self.is_main else None
-        self.sparsity = UpdateSparsity.from_config(cfg, self._unwrapped(self.policy))  # None unless metrics.update_sparsity
+        # None unless metrics.update_sparsity
+        self.sparsity = UpdateSparsity.from_config(cfg, self._unwrapped(self.policy))
 
     def _load_rows(self) -> None:
         cfg = self.cfg
@@ -104,7 +105,8 @@ class BasicTrainer:
         if bad_rows.count:
             self.print(f"skipped {bad_rows.count} malformed rows (data.skip_bad_rows=true); first: {bad_rows.first}")
         if self.loss.is_preference and any(r.rejected is None for r in self.train_rows):
-            raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of dataset={cfg.dataset.name}")
+            raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of "
+                              f"dataset={cfg.dataset.name}")
         overlap = split_overlap_warning(self.train_rows, self.eval_rows)
         if overlap:
             self.print(overlap)
@@ -280,7 +282,8 @@ class BasicTrainer:
             return torch.zeros(batch["n_scored"].shape[0], device=self.device)  # one per sequence, whatever the layout
         return self.forward_logps(self.reference, batch)[0]
 
-    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence summed log-probs of the labelled tokens, and their count.
         use_cache=False: a training forward builds no KV cache. With
         compile=true this runs as one torch.compile'd graph (model + loss)."""
@@ -355,9 +358,9 @@ class BasicTrainer:
             self.window["skipped_steps"].append(torch.tensor(1.0))
             self.print(f"warning: non-finite gradient norm at step {self.step + 1}: update skipped (nonfinite=skip)")
             return
-        raise TrainingError(f"non-finite loss or gradient norm ({grad_norm.item()}) at step {self.step + 1}; the weights "
-                            f"were not updated and {self.last_checkpoint()}. Lower lr, add warmup_steps, or set "
-                            "nonfinite=skip")
+        raise TrainingError(f"non-finite loss or gradient norm ({grad_norm.item()}) at step {self.step + 1}; "
+                            f"the weights were not updated and {self.last_checkpoint()}. Lower lr, add warmup_steps, "
+                            "or set nonfinite=skip")
 
     def last_checkpoint(self) -> str:
         latest = checkpoints.checkpoint_root(self.run_dir) / "LATEST"
@@ -538,13 +541,16 @@ class BasicTrainer:
         where the run was, and the config it ran with."""
         atomic_write_text(directory / "prefopt_state.json", json.dumps(
             {"step": self.step, "examples": self.examples, "world_size": self.world_size}))
-        atomic_write_text(directory / checkpoints.CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.to_container(self.cfg, resolve=True)))
+        resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        atomic_write_text(directory / checkpoints.CONFIG_FILE, OmegaConf.to_yaml(resolved))
 
     def _report_full_disk(self, error: Exception, what: str) -> None:
         """Turn a write that failed for lack of space into one line (exit 3)."""
         previous = checkpoints.list_checkpoints(self.run_dir)
-        needed = (sum(f.stat().st_size for f in previous[0].rglob("*") if f.is_file()) if previous else  # like the last one
-                  tensor_bytes(self.policy.parameters()) + optimizer_state_bytes(self.optimizer)[0])
+        if previous:   # about as much as the last one
+            needed = sum(f.stat().st_size for f in previous[0].rglob("*") if f.is_file())
+        else:
+            needed = tensor_bytes(self.policy.parameters()) + optimizer_state_bytes(self.optimizer)[0]
         message = disk_full_message(error, self.run_dir, what, needed)
         if message:
             raise TrainingError(f"{message}; {self.last_checkpoint()} (intact). Free some space, then resume with: "
@@ -559,7 +565,8 @@ class BasicTrainer:
                               f"max_steps >= {self.step}")
         if self.is_main:
             checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step, self.print)
-        self.print(f"resumed from {ckpt} at step {self.step}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
+        ranks = f" ({self.world_size} ranks)" if self.world_size > 1 else ""
+        self.print(f"resumed from {ckpt} at step {self.step}{ranks}")
 
     def load_weights_and_state(self, ckpt: Path) -> None:
         """Weights into the policy (the reference stays the starting model),

@@ -53,7 +53,8 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and precision != "fp32":
         # bf16 matmuls are ~160x slower than fp32 on the CPUs we test on: a run
         # would look hung. Refuse rather than silently crawl.
-        raise ConfigError(f"precision={precision} on CPU is far slower than fp32; use precision=fp32 on CPU ({precision} is for GPUs)")
+        raise ConfigError(f"precision={precision} on CPU is far slower than fp32; use precision=fp32 on CPU "
+                          f"({precision} is for GPUs)")
     return DTYPES[precision]
 
 

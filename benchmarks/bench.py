@@ -447,7 +447,8 @@ def summarize_variants(results: list[dict], variants: list[str], peak: float) ->
     rows = []
     for variant in variants:
         mine = [r for r in results if r["variant"] == variant]
-        rows.append({"overrides": variant, "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in mine), 1),
+        rows.append({"overrides": variant,
+                     "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in mine), 1),
                      "tokens_per_s_best": round(max(r["tokens_per_s"] for r in mine), 1),
                      "mfu_median": round(statistics.median(r["mfu"] for r in mine), 4),
                      "other_cpu_pct_max": max((r["other_cpu_pct"] or 0) for r in mine)})
@@ -466,7 +467,8 @@ def write_results(path, summary: dict, peak_what: str, results: list[dict]) -> P
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (e.g. loss.precompute_reference=true)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (e.g. "
+                                                     "loss.precompute_reference=true)")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default 3)")
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer on the same setup")
@@ -509,8 +511,8 @@ def main(argv=None) -> None:
             # compiles when we do and no reference log-probs are precomputed.
             trl_compile = (bool(cfg.get("compile", False)) and not precompute if args.trl_compile is None
                            else args.trl_compile == "true")
-            r = run_trl(overrides, args.steps, args.warmup, args.peak, bool(cfg.loss.get("precompute_reference", False)),
-                        trl_compile, args.trl_keep_cpu_memory)
+            r = run_trl(overrides, args.steps, args.warmup, args.peak, precompute, trl_compile,
+                        args.trl_keep_cpu_memory)
         else:
             r = run_ours(overrides, args.steps, args.warmup, args.peak)
         print(json.dumps(r))

@@ -167,7 +167,7 @@ def _compose(overrides: list[str], source: ConfigSource, return_hydra_config: bo
     """compose() inside an initialized Hydra."""
     from hydra import compose as hydra_compose
 
-    losses.register_configs()   # the loss nodes are generated (idempotent); optimizer nodes are registered by the caller
+    losses.register_configs()   # loss nodes are generated (idempotent); the caller registers optimizer nodes
     return hydra_compose(source.config_name, overrides=[*source.search_path_override(), *overrides],
                          return_hydra_config=return_hydra_config)
 

@@ -63,4 +63,5 @@ class DivergenceGuard:
         return {"start_norm": self.start_norm, "first_loss": self.first_loss, "bad_windows": self.bad_windows}
 
     def load_state(self, state: dict) -> None:
-        self.start_norm, self.first_loss, self.bad_windows = state["start_norm"], state["first_loss"], state["bad_windows"]
+        self.start_norm, self.first_loss = state["start_norm"], state["first_loss"]
+        self.bad_windows = state["bad_windows"]

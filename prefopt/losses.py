@@ -47,8 +47,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def gathered_logps(states: torch.Tensor, head: torch.nn.Module | None, rows: torch.Tensor,
-                   targets: torch.Tensor, seq: torch.Tensor, n_scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_logps(states: torch.Tensor, head: torch.nn.Module | None, rows: torch.Tensor, targets: torch.Tensor,
+                   seq: torch.Tensor, n_scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` with the scored tokens listed explicitly (collate
     builds the lists): the state at flat position rows[j] of `states`
     predicts token targets[j], which counts towards sequence seq[j].

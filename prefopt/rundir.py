@@ -239,7 +239,8 @@ def check_resume_config(cfg, run_dir: Path, manifest: dict) -> None:
                           "learning rates were planned for the old length; extend only runs with "
                           "scheduler=constant, or start a new run_dir")
     # What the run did changes; where it lives (a moved folder) and how it reports do not.
-    accepted = {k: v for k, v in changes.items() if not k.startswith(("hydra.", "wandb.")) and k not in ("resume", "run_dir")}
+    accepted = {k: v for k, v in changes.items()
+                if not k.startswith(("hydra.", "wandb.")) and k not in ("resume", "run_dir")}
     if accepted:
         latest = run_dir / "checkpoints" / "LATEST"
         entry = {"from": latest.read_text().strip() if latest.is_file() else None,
@@ -253,7 +254,8 @@ def config_yaml_text(cfg, run_dir: Path) -> str:
     earlier resumes made (also in prefopt_run.json)."""
     text = OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True))
     manifest = read_manifest(run_dir) or {}
-    notes = [f"# resume {i + 1} (from {r.get('from')}): " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r["changed"].items())
+    notes = [f"# resume {i + 1} (from {r.get('from')}): "
+             + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r["changed"].items())
              for i, r in enumerate(manifest.get("resumes", []))]
     return "".join(n + "\n" for n in notes) + text
 

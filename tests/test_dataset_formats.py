@@ -17,9 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from prefopt.data import conversation, hh, jsonl, shp, ultrafeedback  # noqa: E402
-
 from preference_datasets import LOADERS, PreferenceExample, get_examples  # noqa: E402
+from prefopt.data import conversation, hh, jsonl, shp, ultrafeedback  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"

@@ -36,9 +36,9 @@ NOT_RUN = {
         "and runs the whole suite, this test included",
     "pip install torch==2.13.0 -r requirements-bench.txt":
         "installs TRL from PyPI: needs the network",
-    "python bench.py --vs-trl --rounds 4": "needs TRL (requirements-bench.txt), not installed here",
-    "python bench.py --vs-trl compile=true --warmup 5": "needs TRL (requirements-bench.txt), not installed here",
-    "python bench.py --vs-trl loss.precompute_reference=true [compile=true --warmup 5]":
+    "python benchmarks/bench.py --vs-trl --rounds 4": "needs TRL (requirements-bench.txt), not installed here",
+    "python benchmarks/bench.py --vs-trl compile=true --warmup 5": "needs TRL (requirements-bench.txt), not installed here",
+    "python benchmarks/bench.py --vs-trl loss.precompute_reference=true [compile=true --warmup 5]":
         "needs TRL; the [...] marks optional arguments",
     "torchrun --nproc_per_node=8 train.py trainer=fsdp ...":
         "8 GPUs, and `...` stands for more overrides; the CPU form (trainer.nproc=2) is the next command",
@@ -61,10 +61,10 @@ SMOL_SHORT = {**TRAIN_SHORT, "max_steps": "1", "eval_every": "1", "batch_size": 
 # Other scripts: their own flags, appended (argparse keeps the last value given).
 SCRIPT_FLAGS = {
     "bench.py": ["--steps", "1", "--warmup", "1", "--rounds", "1", "--max-wait", "0", "--peak-size", "512"],
-    "bench_optim.py": ["--model-size", "small", "--steps", "2", "--warmup", "1"],
+    "bench_optim.py": ["--model", "llama-1m", "--steps", "2", "--warmup", "1"],
 }
 # bench.py's Hydra overrides: its default 512 training pairs would all get reference
-# log-probs precomputed (minutes with loss.precompute_reference=true --size 25m).
+# log-probs precomputed (minutes with loss.precompute_reference=true model=llama-25m).
 BENCH_OVERRIDES = ["dataset.n_train=16"]
 BENCH_SWITCHES = {"--vs-trl", "--trl-keep-cpu-memory"}  # bench.py's flags that take no value
 

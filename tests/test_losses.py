@@ -16,7 +16,8 @@ def softplus(x):  # -log sigmoid(-x) = log(1 + e^x), written independently of to
 
 
 def run(kind, **kw):
-    t = lambda x: torch.tensor([x], dtype=torch.float64)
+    def t(x):
+        return torch.tensor([x], dtype=torch.float64)
     losses, cw, cl = preference_loss(t(PI_W), t(PI_L), t(REF_W), t(REF_L), BETA, kind, **kw)
     return losses.item(), cw.item(), cl.item()
 

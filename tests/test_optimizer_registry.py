@@ -89,7 +89,7 @@ def test_muon_pairs_hidden_matrices_with_adamw(tiny):
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
     assert len(muon_params) + len(adamw_params) == len(list(model.parameters()))
     # one schedule drives both halves
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     assert all(g["lr"] == 0.5e-3 for g in muon.param_groups + adamw.param_groups)
     assert train_a_little(model, opt, batch) == 1
     sd = opt.state_dict()

@@ -500,7 +500,7 @@ loaded from a file. What prefopt does for that:
 - **Numbers that go wrong.** A NaN/inf loss or gradient norm stops the run
   before the weights change (`nonfinite=stop`, the default) or skips that
   update (`nonfinite=skip`). The divergence guard (`divergence.*`,
-  `divergence.py`) watches what stays finite but is destroyed, at each log
+  `prefopt/divergence.py`) watches what stays finite but is destroyed, at each log
   step and before each checkpoint: the parameter norm above
   `param_norm_factor` (100) times its starting value, or the training loss
   above `loss_factor` (10) times its first logged value for `patience` (3) log
@@ -510,7 +510,7 @@ loaded from a file. What prefopt does for that:
 - **No code from files.** Checkpoints load with safetensors and
   `torch.load(weights_only=True)`; the FSDP trainer's DCP metadata through a
   restricted unpickler that builds only DCP's own record types
-  (`safe_dcp.py`); `model.trust_remote_code` is false unless set.
+  (`prefopt/distributed/safe_dcp.py`); `model.trust_remote_code` is false unless set.
 - **Bad input is one line.** The whole config (every job of a `-m` sweep) is
   checked before any model or data is loaded; [bad_inputs.md](bad_inputs.md)
   lists each bad input with its exact message (tested). Malformed data rows

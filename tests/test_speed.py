@@ -125,7 +125,7 @@ def test_bench_optim_reports_exact_state_bytes_per_optimizer(monkeypatch, capsys
     (AdamW 2 fp32 buffers + a step scalar per tensor; RMSprop 1; SGD 0)."""
     import bench_optim
 
-    monkeypatch.setattr("sys.argv", ["bench_optim.py", "--model-size", "small", "--steps", "1", "--warmup", "1",
+    monkeypatch.setattr("sys.argv", ["bench_optim.py", "--model", "llama-1m", "--steps", "1", "--warmup", "1",
                                      "--optimizers", "AdamW,RMSprop,SGD,adam_mini"])
     bench_optim.main()
     out = capsys.readouterr().out.splitlines()

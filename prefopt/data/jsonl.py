@@ -39,8 +39,10 @@ def parse_prompt_chosen_rejected(row: dict, where: str) -> PreferenceExample:
     if isinstance(row["chosen"], (list, tuple)) or isinstance(row["rejected"], (list, tuple)):
         return _parse_conversational(row, where)
     prompt = row_text(row, "prompt", where, _PCR_HINT)
-    chosen = row_text(row, "chosen", where, _PCR_HINT + ' ("chosen"/"rejected" may also be lists of {"role", "content"} messages)')
-    rejected = row_text(row, "rejected", where, _PCR_HINT + ' ("chosen"/"rejected" may also be lists of {"role", "content"} messages)')
+    chosen = row_text(row, "chosen", where, _PCR_HINT + ' ("chosen"/"rejected" may also be lists of {"role", '
+                                                        '"content"} messages)')
+    rejected = row_text(row, "rejected", where, _PCR_HINT + ' ("chosen"/"rejected" may also be lists of {"role", '
+                                                            '"content"} messages)')
     return PreferenceExample(prompt, chosen, rejected)
 
 

@@ -31,7 +31,8 @@ def parse_shp(row: dict, where: str) -> PreferenceExample:
 
 
 def _shp_score_ratio(row: Mapping, where: str) -> float:
-    value = row_field(row, "score_ratio", where, "dataset.min_score_ratio filters on it; set dataset.min_score_ratio=null to keep every pair")
+    value = row_field(row, "score_ratio", where, "dataset.min_score_ratio filters on it; set "
+                                                 "dataset.min_score_ratio=null to keep every pair")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f'{where}: field "score_ratio" must be a number, got {json_type(value)}')
     return float(value)

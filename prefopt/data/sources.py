@@ -25,7 +25,8 @@ def file_rows(path: str, key: str, bad_rows: BadRows) -> tuple[str, Iterable[tup
         try:
             table = datasets.load_dataset("parquet", data_files=str(p), split="train")
         except Exception as e:
-            raise ConfigError(f"{path}: could not be read as Parquet ({one_line(e)}); check the file or convert it to .jsonl")
+            raise ConfigError(f"{path}: could not be read as Parquet ({one_line(e)}); check the file or convert it to "
+                              ".jsonl")
         return str(path), enumerate(table, start=1)
     hint = "; decompress it first (e.g. gunzip)" if p.suffix in (".gz", ".bz2", ".xz", ".zst", ".zip") else ""
     raise ConfigError(f"dataset.{key}={path}: unsupported file type {show(p.suffix or '(none)')}; "
@@ -35,7 +36,8 @@ def file_rows(path: str, key: str, bad_rows: BadRows) -> tuple[str, Iterable[tup
 def hub_rows(cfg, split: str) -> tuple[str, Iterable[tuple[int, object]]]:
     name, hub = cfg.get("name"), cfg.get("hub")
     if not hub:
-        raise ConfigError(f"dataset={name} needs dataset.path=<local .jsonl/.json/.parquet file> (it has no hub dataset)")
+        raise ConfigError(f"dataset={name} needs dataset.path=<local .jsonl/.json/.parquet file> (it has no hub "
+                          "dataset)")
     hub_split = (cfg.get("hub_train_split") or "train") if split == "train" else (cfg.get("hub_eval_split") or "test")
     kwargs = {"data_dir": cfg.hub_data_dir} if cfg.get("hub_data_dir") else {}
     import datasets
@@ -82,7 +84,8 @@ def load_rows(cfg, split: str, bad_rows: BadRows | None, parse: Callable[[dict, 
         if n_eval < 0:
             raise ConfigError(f"dataset.n_eval={n_eval} must be >= 0")
         if n_eval >= len(examples):
-            raise ConfigError(f"dataset.path={path} has {len(examples)} usable rows, not more than dataset.n_eval={n_eval} "
+            raise ConfigError(f"dataset.path={path} has {len(examples)} usable rows, not more than "
+                              f"dataset.n_eval={n_eval} "
                               "held out for eval; lower dataset.n_eval or pass dataset.eval_path=<eval file>")
         cut = len(examples) - n_eval
         examples = examples[:cut] if train else examples[cut:]

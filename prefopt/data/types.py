@@ -123,8 +123,9 @@ def check_unicode(value: str, what: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         code = ord(value[e.start])
-        raise ConfigError(f"{what} holds a lone UTF-16 surrogate (\\u{code:04x} at character {e.start + 1}), which is "
-                          "not text; fix that JSON escape (surrogates come in high-low pairs) or drop the row") from None
+        raise ConfigError(f"{what} holds a lone UTF-16 surrogate (\\u{code:04x} at character {e.start + 1}), which "
+                          "is not text; fix that JSON escape (surrogates come in high-low pairs) or drop the row"
+                          ) from None
     return value
 
 

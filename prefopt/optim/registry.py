@@ -60,8 +60,9 @@ class OptimizerEntry:
     target: Callable | None
     build: Callable[[nn.Module, dict, bool], torch.optim.Optimizer]
     refuse: str | None = None
-    fsdp: str = "it has not been verified on sharded parameters (an optimizer that looks at whole tensors, e.g. " \
-                "per-tensor norms or factored/matrix preconditioners, would silently compute something else on 1/N slices)"
+    fsdp: str = ("it has not been verified on sharded parameters (an optimizer that looks at whole tensors, e.g. "
+                 "per-tensor norms or factored/matrix preconditioners, would silently compute something else on 1/N "
+                 "slices)")
 
 
 # OptimizerEntry.fsdp values that train; each is stepped on 2 ranks against
@@ -91,8 +92,10 @@ TORCH_FSDP = {
     "Rprop": "torch's DTensor has no sharding rule for the in-place index_put_ its step uses",
 }
 TORCH_REFUSALS = {
-    "SparseAdam": "SparseAdam only accepts sparse gradients (nn.Embedding(sparse=True)); transformer weights get dense gradients. Use Adam or AdamW",
-    "LBFGS": "LBFGS needs a closure that re-evaluates the loss several times per step, which a preference-training step does not provide. Use AdamW, RMSprop or SGD",
+    "SparseAdam": "SparseAdam only accepts sparse gradients (nn.Embedding(sparse=True)); transformer weights get "
+                  "dense gradients. Use Adam or AdamW",
+    "LBFGS": "LBFGS needs a closure that re-evaluates the loss several times per step, which a preference-training "
+             "step does not provide. Use AdamW, RMSprop or SGD",
 }
 
 

@@ -118,7 +118,8 @@ class LocalShardOptimizer(torch.optim.Optimizer):
         index = {id(q): i for i, q in enumerate(q for g in self.inner.param_groups for q in g["params"])}
         inner_state = {index[id(q)]: {k: local(v) for k, v in self.state[p].items()}
                        for p, q in self._pairs if self.state.get(p)}
-        groups = [{**{k: v for k, v in outer.items() if k != "params"}, "params": [index[id(q)] for q in inner["params"]]}
+        groups = [{**{k: v for k, v in outer.items() if k != "params"},
+                   "params": [index[id(q)] for q in inner["params"]]}
                   for outer, inner in zip(self.param_groups, self.inner.param_groups)]
         self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
         self._link()
