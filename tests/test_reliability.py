@@ -412,6 +412,48 @@ def nested_run_dir(tmp, run):
     assert checkpoints_in(run) == before
 
 
+@probe("extra", "a fresh run with `save_every=1 keep_last=1`",
+       "one checkpoint left, the last; `prefopt_run.json` lists exactly it")
+def keep_last_in_a_fresh_run(tmp, run):
+    ok(train(tmp, "run_dir=r", "max_steps=3", "save_every=1", "keep_last=1"))
+    assert checkpoints_in(tmp / "r") == ["step-3"]
+    assert json.loads((tmp / "r" / "prefopt_run.json").read_text())["checkpoints"] == ["step-3"]
+
+
+@probe("extra", "`resume=true log_every=2` (a key that may change)",
+       "accepted and recorded: `# resume 1 (from step-4): log_every 1 -> 2`")
+def resume_records_log_every(tmp, run):
+    ok(train(tmp, f"run_dir={run}", "resume=true", "max_steps=4", "log_every=2"))
+    assert "# resume 1 (from step-4): log_every 1 -> 2" in (run / "config.yaml").read_text()
+
+
+@probe("extra", "`config.yaml` deleted, then `resume=true lr=0.01`",
+       "still refused: the checkpoint's own `run_config.yaml` is what the resume is compared with")
+def resume_without_config_yaml(tmp, run):
+    (run / "config.yaml").unlink()
+    refused(train(tmp, f"run_dir={run}", "resume=true", "max_steps=6", "lr=0.01"), 2, "would change lr (0.001 -> 0.01)")
+
+
+@probe("extra", "`checkpoints/LATEST` holds garbage (`step-abc`), then `resume=true`",
+       "the newest checkpoint of the run is used")
+def latest_is_garbage(tmp, run):
+    (run / "checkpoints" / "LATEST").write_text("step-abc\n")
+    r = train(tmp, f"run_dir={run}", "resume=true", "max_steps=4")
+    ok(r)
+    assert "step-4 at step 4" in r.stderr
+
+
+@probe("extra", "`prefopt_run.json` lists `step-6`, whose save was killed before its folder was renamed",
+       "the resume ignores the missing folder and continues from step-4; the next save writes step-6")
+def manifest_lists_unfinished_checkpoint(tmp, run):
+    manifest = json.loads((run / "prefopt_run.json").read_text())
+    manifest["checkpoints"].append("step-6")
+    (run / "prefopt_run.json").write_text(json.dumps(manifest))
+    r = train(tmp, f"run_dir={run}", "resume=true", "max_steps=6", "save_every=2")
+    ok(r)
+    assert "step-4 at step 4" in r.stderr and latest(run) == "step-6"
+
+
 def _by_name():
     return {name: fn for name, _, _, _, fn in PROBES}
 
