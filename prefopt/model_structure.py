@@ -38,3 +38,10 @@ def decoder_blocks(model: nn.Module, cfg=None) -> list[nn.Module]:
                 and any(is_attention(m) for m in module[0].modules())):
             return list(module)
     return []
+
+
+def embedding_weights(model: nn.Module) -> set[int]:
+    """ids of the input and output embedding matrices (one id when tied):
+    the parameters that weight decay and Muon treat apart from other matrices."""
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    return {id(m.weight) for m in modules if m is not None}

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from prefopt.model_structure import decoder_blocks, is_attention, text_config
+from prefopt.model_structure import decoder_blocks, embedding_weights, is_attention, text_config
 
 try:  # GPT-2 style "Conv1D": a Linear whose weight is stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -242,11 +242,7 @@ def parameter_groups(model: nn.Module, weight_decay: float | None, decay_embeddi
     params = [p for p in model.parameters() if p.requires_grad]
     if not weight_decay:
         return [{"params": params}]
-    embeddings = set()
-    if not decay_embeddings:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None:
-                embeddings.add(id(module.weight))
+    embeddings = set() if decay_embeddings else embedding_weights(model)
     decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
     no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

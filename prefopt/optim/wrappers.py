@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prefopt.model_structure import embedding_weights
 from utils import ConfigError
 
 
@@ -59,7 +60,7 @@ def build_muon(model: nn.Module, lr: float = 0.02, weight_decay: float = 0.1, mo
     else (embeddings, output layer, norms, biases), in one optimizer, as Muon
     is used in practice. With adjust_lr_fn="match_rms_adamw" (the default
     here) Muon's update has AdamW's RMS, so one lr serves both halves."""
-    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    embeddings = embedding_weights(model)
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.ndim == 2 and id(p) not in embeddings]
     rest = [p for p in params if not (p.ndim == 2 and id(p) not in embeddings)]
