@@ -23,12 +23,10 @@ COMMON: list[str] = []  # from the command line
 
 
 def make_trainer(run_dir: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
-
+    from prefopt.config_checks import compose
     from trainers import build_trainer
 
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose("config", overrides=[*COMMON, f"run_dir={run_dir}", *overrides])
+    cfg = compose([*COMMON, f"run_dir={run_dir}", *overrides])
     trainer = build_trainer(cfg, run_dir)
     trainer.setup()
     return trainer
