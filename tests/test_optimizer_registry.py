@@ -199,11 +199,13 @@ REJECTED_AT_BUILD = {"SGD8bit": "momentum"}
 def test_refused_names_are_pinned():
     import importlib.util
 
+    from prefopt.optim.registry import TORCHAO_NAMES
+
     refused = {n: optimizers.find_entry(n).refuse for n in ALL_NAMES if optimizers.find_entry(n).refuse}
     # a missing optional package refuses its names; only torchao is optional (requirements-optional.txt)
     missing = {n for n, why in refused.items() if why.startswith("it needs the package '")}
     torchao_missing = importlib.util.find_spec("torchao") is None
-    assert missing == (set(optimizers.TORCHAO_NAMES) if torchao_missing else set()), \
+    assert missing == (set(TORCHAO_NAMES) if torchao_missing else set()), \
         {n: refused[n] for n in missing}
     by_design = set(refused) - missing
     assert by_design == set(REFUSED), \
