@@ -66,28 +66,38 @@ def gathered_logps(states: torch.Tensor, head: torch.nn.Module | None, rows: tor
 
 
 # ----------------------------------------------------------------------------
-# The losses. A preference loss gets the policy-to-reference log-ratios of
-# the chosen (w) and the rejected (l) responses,
-#     chosen = log pi(w|x) - log ref(w|x),   rejected = log pi(l|x) - log ref(l|x)
-# (the reference terms are 0 when loss.reference_free), and returns one loss
-# per pair. h = chosen - rejected is the implicit reward margin.
+# The losses. A preference loss gets the log-ratios of one batch of pairs
+# (`LogRatios`) and returns one loss per pair.
 
-def dpo(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float = 0.1,
-        label_smoothing: float = 0.0) -> torch.Tensor:
+@dataclass(frozen=True)
+class LogRatios:
+    """With w the chosen and l the rejected response:
+        chosen  = log pi(w|x) - log ref(w|x)
+        rejected = log pi(l|x) - log ref(l|x)
+        margin  = [log pi(w|x) - log pi(l|x)] - [log ref(w|x) - log ref(l|x)]   (h)
+    (the reference terms are 0 when loss.reference_free). `margin` equals
+    chosen - rejected; it is computed in this order, as TRL and the DPO
+    reference repo compute it, so the losses match theirs to the last bit."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    margin: torch.Tensor
+
+
+def dpo(r: LogRatios, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
     """DPO (Rafailov et al., 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
     eps = label_smoothing > 0 is conservative DPO (cDPO), an assumed label-flip rate."""
-    h = chosen - rejected
-    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * r.margin) - label_smoothing * F.logsigmoid(-beta * r.margin)
 
 
-def ipo(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+def ipo(r: LogRatios, *, beta: float = 0.1) -> torch.Tensor:
     """IPO (Azar et al., 2023): (h - 1 / (2 beta))^2, on summed log-probs (as the DPO reference repo)."""
-    return (chosen - rejected - 1 / (2 * beta)) ** 2
+    return (r.margin - 1 / (2 * beta)) ** 2
 
 
-def hinge(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
+def hinge(r: LogRatios, *, beta: float = 0.1) -> torch.Tensor:
     """SLiC's hinge (Zhao et al., 2023): max(0, 1 - beta h)."""
-    return torch.relu(1 - beta * (chosen - rejected))
+    return torch.relu(1 - beta * r.margin)
 
 
 def sft_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
@@ -152,9 +162,11 @@ def preference_loss(
     if entry is None or not entry.preference:
         names = ", ".join(n for n, e in LOSSES.items() if e.preference)
         raise ConfigError(f"loss={kind} is not a preference loss; choose one of {names}")
-    chosen = policy_chosen_logps - (0.0 if reference_free else reference_chosen_logps)
-    rejected = policy_rejected_logps - (0.0 if reference_free else reference_rejected_logps)
-    losses = entry.fn(chosen, rejected, beta=beta, **params)
+    ref_chosen = 0.0 if reference_free else reference_chosen_logps
+    ref_rejected = 0.0 if reference_free else reference_rejected_logps
+    ratios = LogRatios(chosen=policy_chosen_logps - ref_chosen, rejected=policy_rejected_logps - ref_rejected,
+                       margin=(policy_chosen_logps - policy_rejected_logps) - (ref_chosen - ref_rejected))
+    losses = entry.fn(ratios, beta=beta, **params)
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
