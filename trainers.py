@@ -363,9 +363,8 @@ class BasicTrainer:
                             "or set nonfinite=skip")
 
     def last_checkpoint(self) -> str:
-        latest = checkpoints.checkpoint_root(self.run_dir) / "LATEST"
-        return (f"the last good checkpoint is {latest.read_text().strip()}" if latest.is_file()
-                else "no checkpoint was written yet")
+        latest = checkpoints.latest_name(self.run_dir)
+        return f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
 
     def parameter_norm(self) -> float:
         return self.global_norm(list(self.policy.parameters())).item()
@@ -519,9 +518,9 @@ class BasicTrainer:
             checkpoints.begin_save(self.run_dir, self.step)
         try:
             self.write_checkpoint(final)
+        except ConfigError:
+            raise
         except Exception as e:
-            if isinstance(e, ConfigError):
-                raise
             self._report_full_disk(e, f"checkpoint {final.name}")
             raise
         if self.is_main:

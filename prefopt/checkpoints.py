@@ -49,6 +49,12 @@ def write_latest(run_dir: Path, ckpt: Path) -> None:
     atomic_write_text(checkpoint_root(run_dir) / "LATEST", ckpt.name + "\n")
 
 
+def latest_name(run_dir: Path) -> str | None:
+    """What checkpoints/LATEST names (step-<n>), or None if there is none."""
+    latest = checkpoint_root(run_dir) / "LATEST"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
 def begin_save(run_dir: Path, step: int) -> Path:
     """The folder for step `step`'s checkpoint, recorded in the run's manifest
     before anything is written. A folder of that name that this run did not
@@ -73,8 +79,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
     if not keep_last or keep_last <= 0:
         return
     own = rundir.own_checkpoints(run_dir)
-    latest = checkpoint_root(run_dir) / "LATEST"
-    protected = latest.read_text().strip() if latest.is_file() else None
+    protected = latest_name(run_dir)
     mine = [c for c in list_checkpoints(run_dir) if c.name in own]
     old = [c for c in mine[keep_last:] if c.name != protected]
     for ckpt in old:
@@ -140,9 +145,9 @@ def find_resumable(run_dir: Path, warn) -> Path:
     are reported through `warn` and skipped."""
     own = rundir.own_checkpoints(run_dir)
     candidates = [c for c in list_checkpoints(run_dir) if c.name in own]
-    latest = checkpoint_root(run_dir) / "LATEST"
-    if latest.is_file():
-        named = checkpoint_root(run_dir) / latest.read_text().strip()
+    latest = latest_name(run_dir)
+    if latest:
+        named = checkpoint_root(run_dir) / latest
         if named in candidates:  # LATEST first, then older ones
             candidates = [named] + [c for c in candidates if step_of(c) < step_of(named)]
     if not candidates:

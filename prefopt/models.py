@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from prefopt.checkpoints import checkpoint_root, latest_name
 from utils import ConfigError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -39,9 +40,9 @@ def resolve_archive(archive: str) -> Path:
     """`model.archive` may name a checkpoint directory or a run directory (then
     its checkpoints/LATEST is used)."""
     path = Path(archive).expanduser()
-    latest = path / "checkpoints" / "LATEST"
-    if latest.is_file():
-        path = path / "checkpoints" / latest.read_text().strip()
+    latest = latest_name(path)
+    if latest:
+        path = checkpoint_root(path) / latest
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model.archive={archive} is not a Hugging Face checkpoint (no config.json); "

@@ -143,8 +143,10 @@ def _lock(run_dir: Path) -> None:
 
 def _refuse_used_dir(run_dir: Path, manifest: dict | None) -> None:
     if manifest is not None:
-        latest = run_dir / "checkpoints" / "LATEST"
-        where = f" (last checkpoint {latest.read_text().strip()})" if latest.is_file() else ""
+        from prefopt.checkpoints import latest_name
+
+        latest = latest_name(run_dir)
+        where = f" (last checkpoint {latest})" if latest else ""
         raise ConfigError(f"run_dir={run_dir} already holds a prefopt run{where}; add resume=true to continue it, "
                           "or choose a new run_dir")
     found = sorted(p.name for p in run_dir.iterdir() if p.name not in (HYDRA_DIR, LOCK))
@@ -206,9 +208,11 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
 
 def _recorded_config(run_dir: Path) -> Path | None:
     """The config of the checkpoint LATEST names, else the run's config.yaml."""
-    latest = run_dir / "checkpoints" / "LATEST"
-    if latest.is_file():
-        in_checkpoint = run_dir / "checkpoints" / latest.read_text().strip() / "run_config.yaml"
+    from prefopt.checkpoints import CONFIG_FILE, checkpoint_root, latest_name
+
+    latest = latest_name(run_dir)
+    if latest:
+        in_checkpoint = checkpoint_root(run_dir) / latest / CONFIG_FILE
         if in_checkpoint.is_file():
             return in_checkpoint
     return run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None
@@ -242,8 +246,9 @@ def check_resume_config(cfg, run_dir: Path, manifest: dict) -> None:
     accepted = {k: v for k, v in changes.items()
                 if not k.startswith(("hydra.", "wandb.")) and k not in ("resume", "run_dir")}
     if accepted:
-        latest = run_dir / "checkpoints" / "LATEST"
-        entry = {"from": latest.read_text().strip() if latest.is_file() else None,
+        from prefopt.checkpoints import latest_name
+
+        entry = {"from": latest_name(run_dir),
                  "changed": {k: list(v) for k, v in accepted.items()}}
         manifest.setdefault("resumes", []).append(entry)
         write_manifest(run_dir, manifest)
