@@ -38,7 +38,7 @@ from preference_datasets import (
 from prefopt import checkpoints, rundir
 from prefopt.config_checks import micro_batch_size
 from prefopt.divergence import DivergenceGuard
-from prefopt.losses import build_loss, gathered_logps, sft_loss
+from prefopt.losses import SeqLogps, build_loss, gathered_logps, sequence_stats
 from prefopt.memory import PeakMemory, keep_cpu_memory, optimizer_state_bytes, tensor_bytes
 from prefopt.model_structure import PLAIN_HEAD_MODELS, SHARED_PROMPT_MODELS
 from prefopt.models import build_model, build_tokenizer
@@ -104,7 +104,7 @@ class BasicTrainer:
         self.eval_rows = get_examples(cfg.dataset, "eval", bad_rows)[: cfg.n_eval_examples]
         if bad_rows.count:
             self.print(f"skipped {bad_rows.count} malformed rows (data.skip_bad_rows=true); first: {bad_rows.first}")
-        if self.loss.is_preference and any(r.rejected is None for r in self.train_rows):
+        if self.loss.data == "pairs" and any(r.rejected is None for r in self.train_rows):
             raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of "
                               f"dataset={cfg.dataset.name}")
         overlap = split_overlap_warning(self.train_rows, self.eval_rows)
@@ -117,7 +117,7 @@ class BasicTrainer:
 
         train = tokenize_rows(self.train_rows, self.tokenizer, cfg)   # chat template, data.add_bos, truncation
         self.eval_examples = tokenize_rows(self.eval_rows, self.tokenizer, cfg)
-        if self.loss.is_preference:
+        if self.loss.data == "pairs":
             train, warning = drop_identical_pairs(train, self.eval_examples, cfg.max_length)
             if warning:
                 self.print(warning)
@@ -140,7 +140,7 @@ class BasicTrainer:
         once (see preference_datasets.collate). It relies on the model honouring
         a 4-D boolean attention mask (SDPA) and explicit position ids, verified
         for SHARED_PROMPT_MODELS."""
-        if not (self.cfg.get("share_prompt", False) and self.loss.is_preference):
+        if not (self.cfg.get("share_prompt", False) and self.loss.two_sequences):
             return False
         config = self._unwrapped(self.policy).config
         model_type, attention = getattr(config, "model_type", None), getattr(config, "_attn_implementation", None)
@@ -151,7 +151,7 @@ class BasicTrainer:
         return True
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        return collate(examples, self.tokenizer.pad_token_id, self.loss.is_preference, self.share_prompt)
+        return collate(examples, self.tokenizer.pad_token_id, self.loss.two_sequences, self.share_prompt)
 
     def _offload_device(self) -> str | None:
         if not self.cfg.cpu_offload:
@@ -253,43 +253,33 @@ class BasicTrainer:
         pass serves chosen and rejected: its log-probs are the B chosen
         sequences then the B rejected ones, whatever the layout (collate)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        logps, n_tokens = self.forward_logps(self.policy, batch)
-        if not self.loss.is_preference:
-            loss = sft_loss(logps, n_tokens)
-            return loss, {f"loss/{split}": loss.detach(), f"logps_{split}/chosen": logps.detach().mean()}
-
-        ref_logps = self.reference_logps(batch)
-        b = logps.shape[0] // 2
-        losses, chosen_rewards, rejected_rewards = self.loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:])
-        loss = losses.mean()
-        return loss, {
-            f"loss/{split}": loss.detach(),
-            f"rewards_{split}/chosen": chosen_rewards.mean(),
-            f"rewards_{split}/rejected": rejected_rewards.mean(),
-            f"rewards_{split}/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            f"rewards_{split}/margins": (chosen_rewards - rejected_rewards).mean(),
-            f"logps_{split}/chosen": logps[:b].detach().mean(),
-            f"logps_{split}/rejected": logps[b:].detach().mean(),
-        }
+        policy = self.forward_logps(self.policy, batch, with_wpo=self.loss.use_weighting)
+        reference = self.reference_logps(batch) if self.loss.two_sequences else None
+        out = self.loss(policy, reference, batch.get("desirable"))
+        return out.loss, {split_metric(name, split): v for name, v in out.metrics.items()}
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Precomputed ones from the batch (loss.precompute_reference=true), else
-        a forward of the frozen reference; zeros when reference-free."""
+        a forward of the frozen reference; zeros when reference-free. LD-DPO
+        weighted when loss.ld_alpha is set, as the policy's."""
         if "reference_logps" in batch:
             return batch["reference_logps"]
         if self.reference is None:
             return torch.zeros(batch["n_scored"].shape[0], device=self.device)  # one per sequence, whatever the layout
-        return self.forward_logps(self.reference, batch)[0]
+        return self.forward_logps(self.reference, batch).scored
 
-    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sequence summed log-probs of the labelled tokens, and their count.
-        use_cache=False: a training forward builds no KV cache. With
-        compile=true this runs as one torch.compile'd graph (model + loss)."""
-        fn = self._compiled.get(id(model)) or (lambda *a: _logps(model, *a))
-        return fn(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch["score_rows"],
-                  batch["score_targets"], batch["score_seq"], batch["n_scored"])
+    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], with_wpo: bool = False
+                      ) -> SeqLogps:
+        """Per-sequence summed log-probs of the labelled tokens and their count
+        (plus what loss.ld_alpha and loss.use_weighting need). use_cache=False:
+        a training forward builds no KV cache. With compile=true the model and
+        the token log-probs run as one torch.compile'd graph."""
+        fn = self._compiled.get(id(model)) or functools.partial(_token_logps, model)
+        token_logps, log_sum_sq = fn(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
+                                     batch["score_rows"], batch["score_targets"], with_wpo)
+        return sequence_stats(token_logps, batch["score_seq"], batch["n_scored"], ld_alpha=self.loss.ld_alpha,
+                              log_sum_sq=log_sum_sq)
 
     def _setup_fast_paths(self) -> None:
         self._compiled = {}
@@ -298,7 +288,7 @@ class BasicTrainer:
         if self.cfg.get("compile", False):
             for model in (self.policy, self.reference):
                 if model is not None:
-                    self._compiled[id(model)] = torch.compile(functools.partial(_logps, model))
+                    self._compiled[id(model)] = torch.compile(functools.partial(_token_logps, model))
 
     @torch.no_grad()
     def precompute_reference(self) -> None:
@@ -589,13 +579,25 @@ class BasicTrainer:
             self.logger.close()
 
 
-def _logps(model: torch.nn.Module, input_ids, attention_mask, position_ids, rows, targets, seq, n_scored):
-    """Summed log-probs of the scored tokens of each logical sequence (see collate)."""
+def _token_logps(model: torch.nn.Module, input_ids, attention_mask, position_ids, rows, targets,
+                 with_sum_sq: bool = False):
+    """Log-probs of the scored tokens (see collate), and log sum_v p_v^2 at
+    each of them when `with_sum_sq` (WPO)."""
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS:
         hidden = model.base_model(**inputs).last_hidden_state
-        return gathered_logps(hidden, model.get_output_embeddings(), rows, targets, seq, n_scored)
-    return gathered_logps(model(**inputs).logits, None, rows, targets, seq, n_scored)
+        return gathered_logps(hidden, model.get_output_embeddings(), rows, targets, with_sum_sq)
+    return gathered_logps(model(**inputs).logits, None, rows, targets, with_sum_sq)
+
+
+def split_metric(name: str, split: str) -> str:
+    """A loss metric's name in metrics.jsonl: loss -> loss/train,
+    loss/dpo -> loss/train/dpo, rewards/chosen -> rewards_train/chosen,
+    kl -> kl/train."""
+    head, _, rest = name.partition("/")
+    if head == "loss" or not rest:
+        return f"{head}/{split}" + (f"/{rest}" if rest else "")
+    return f"{head}_{split}/{rest}"
 
 
 class StopOnSignal:

@@ -209,7 +209,7 @@ def timed_trainer_class():
             for batch in out:
                 self.lengths += batch["lengths"].tolist()
             for ex in examples:
-                responses = [len(ex.chosen)] + ([len(ex.rejected)] if self.loss.is_preference else [])
+                responses = [len(ex.chosen)] + ([len(ex.rejected)] if self.loss.two_sequences else [])
                 self.work += row_work(len(ex.prompt), responses, self.share_prompt)
             return out
 

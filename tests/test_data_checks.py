@@ -277,7 +277,8 @@ def test_shared_prompt_rows_with_bos_match_separate_rows():
     as the separate layout and as each sequence run alone (tiny Llama, SDPA)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainers import _logps
+    from prefopt.losses import sequence_stats
+    from trainers import _token_logps
 
     tok = bos_tokenizer()
     torch.manual_seed(0)
@@ -292,8 +293,10 @@ def test_shared_prompt_rows_with_bos_match_separate_rows():
     def logps(share):
         b = collate(exs, tok.pad_token_id, with_rejected=True, share_prompt=share)
         with torch.no_grad():
-            return _logps(model, b["input_ids"], b["attention_mask"], b.get("position_ids"), b["score_rows"],
-                          b["score_targets"], b["score_seq"], b["n_scored"])
+            tokens, _ = _token_logps(model, b["input_ids"], b["attention_mask"], b.get("position_ids"),
+                                     b["score_rows"], b["score_targets"])
+            out = sequence_stats(tokens, b["score_seq"], b["n_scored"])
+            return out.sums, out.tokens
 
     (shared, n_shared), (separate, n_separate) = logps(True), logps(False)
     assert n_shared.tolist() == n_separate.tolist() == [len(e.chosen) for e in exs] + [len(e.rejected) for e in exs]

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from prefopt.losses import preference_loss, sequence_logps, sft_loss
+from omegaconf import OmegaConf
+
+from prefopt.losses import SeqLogps, build_loss, sequence_logps, sft_loss
 
 # One pair: log pi(w)=-1, log pi(l)=-3, log ref(w)=-2, log ref(l)=-2.5, beta=0.5.
 # h = (-1 - -3) - (-2 - -2.5) = 2 - 0.5 = 1.5 ; beta*h = 0.75
@@ -13,6 +15,14 @@ PI_W, PI_L, REF_W, REF_L, BETA = -1.0, -3.0, -2.0, -2.5, 0.5
 
 def softplus(x):  # -log sigmoid(-x) = log(1 + e^x), written independently of torch
     return math.log(1.0 + math.exp(x))
+
+
+def preference_loss(pi_w, pi_l, ref_w, ref_l, beta, kind, **kw):
+    """(loss, chosen reward, rejected reward) of one pair through the configured loss."""
+    spec = build_loss(OmegaConf.create({"name": kind, "beta": beta, **kw}))
+    tokens = torch.tensor([5, 5])
+    out = spec(SeqLogps(torch.cat([pi_w, pi_l]), tokens), torch.cat([ref_w, ref_l]))
+    return out.loss, out.metrics["rewards/chosen"], out.metrics["rewards/rejected"]
 
 
 def run(kind, **kw):
@@ -36,8 +46,8 @@ def test_conservative_dpo_label_smoothing():
     assert loss == pytest.approx(0.4618710, abs=1e-6)
 
 
-def test_ipo():
-    loss, _, _ = run("ipo")
+def test_ipo_summed():
+    loss, _, _ = run("ipo", token_average=False)
     assert loss == pytest.approx((1.5 - 1 / (2 * 0.5)) ** 2)   # (1.5 - 1)^2 = 0.25
     assert loss == pytest.approx(0.25)
 

@@ -22,7 +22,8 @@ def test_batched_logps_equal_one_sequence_at_a_time(micro_trainer, share_prompt)
     batch = collate(examples, t.tokenizer.pad_token_id, with_rejected=True, share_prompt=share_prompt)
     assert batch["input_ids"].shape[0] == (6 if share_prompt else 12)
     with torch.no_grad():
-        together, n_scored = t.forward_logps(t.policy, batch)
+        out = t.forward_logps(t.policy, batch)
+        together, n_scored = out.sums, out.tokens
         alone = []
         for seq_prompt, resp in [(ex.prompt, ex.chosen) for ex in examples] + [(ex.prompt, ex.rejected) for ex in examples]:
             ids = torch.tensor([seq_prompt + resp])
@@ -66,7 +67,7 @@ def test_reference_free_dpo_loss_in_both_layouts(micro_trainer, share_prompt):
     batch = t.collate(t.eval_examples[:4])
     with torch.no_grad():
         loss, _ = t.batch_metrics(batch, "eval")
-        logps, _ = t.forward_logps(t.policy, batch)
+        logps = t.forward_logps(t.policy, batch).sums
     expected = -torch.nn.functional.logsigmoid(t.loss.beta * (logps[:4] - logps[4:])).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
@@ -128,17 +129,17 @@ def test_bad_batch_split_and_bf16_on_cpu_are_config_errors(micro_trainer):
 
 def group_options(group):
     """The YAML options of `group`; for losses, every registry entry (their nodes are generated)."""
-    from prefopt.losses import LOSSES
+    from prefopt.losses import all_names
 
     yamls = sorted(p.stem for p in (ROOT / "config" / group).glob("*.yaml"))
-    return sorted(LOSSES) if group == "loss" else yamls
+    return sorted(n for n in all_names() if n != "sum") if group == "loss" else yamls   # sum needs loss.terms
 
 
 @pytest.mark.parametrize("group", ["model", "loss", "dataset", "trainer", "optimizer"])
 def test_every_config_option_composes(group):
     for option in group_options(group):
         cfg = compose(f"{group}={option}")
-        assert cfg[group].name == option or group == "model" or cfg[group].get("name")
+        assert cfg[group].name in (option, "dpo") or group == "model" or cfg[group].get("name")   # loss=sigmoid is dpo
 
 
 @pytest.mark.parametrize("loss", group_options("loss"))

@@ -242,12 +242,12 @@ class FSDPTrainer(BasicTrainer):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"optimizer={cfg.optimizer.name} rejected its settings: {str(e).splitlines()[0]}")
 
-    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], with_wpo: bool = False):
         """The basic trainer's forward, run as a forward of the sharded root:
         the log-prob function applies the LM head itself (only at scored
         positions), so it never calls model.forward, whose hooks would gather
         the root's parameters (embeddings, final norm, lm_head)."""
-        return model.fsdp_forward(lambda: BasicTrainer.forward_logps(self, model, batch))
+        return model.fsdp_forward(lambda: BasicTrainer.forward_logps(self, model, batch, with_wpo))
 
     # ------------------------------------------------------ metrics, grads
     def stop_requested(self, stop) -> bool:
