@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-
 from omegaconf import OmegaConf
 
 from prefopt.losses import SeqLogps, build_loss, sequence_logps, sft_loss
