@@ -2,17 +2,23 @@
 are made.
 
 A row is a `PreferenceExample(prompt, chosen, rejected)`; `rejected` may be
-None for SFT-only data. `dataset=<name>` picks a loader from `LOADERS`:
+None for SFT-only data. An unpaired row (KTO's data) is
+`PreferenceExample(prompt, completion, None, label=True/False)`; see
+prefopt/data/unpaired.py and `unpaired_rows` (`data.unpaired`), which turns
+pairs into unpaired rows for a loss that learns from them.
+`dataset=<name>` picks a loader from `LOADERS`:
 
   synthetic      bundled, generated in code, verifiable (the default)
   jsonl          a local .jsonl/.json/.parquet file of {"prompt","chosen","rejected"}
-                 rows (or conversational message lists)
+                 rows (or conversational message lists), or of unpaired
+                 {"prompt","completion","label"} rows
   hh, shp, ultrafeedback   the public formats
 Each loader is one file of the prefopt/data package.
 
 Tokenization follows the reference DPO repo: the prompt is truncated first
 (to `max_prompt_length`), then the responses (to fit `max_length`); prompt
-tokens are masked out of the loss with label -100; EOS ends each response.
+tokens are masked out of the loss with label -100; EOS ends each response
+(an unpaired row's completion too: it tokenizes like an SFT row).
 Batches are padded to their own longest sequence, not to max_length.
 `data.add_bos` (see `tokenize_rows`) decides whether the prompt starts with
 the tokenizer's BOS token; the default follows the tokenizer, as TRL does.
@@ -23,6 +29,7 @@ surrogate from a JSON escape) is a bad row, caught by the parsers.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -30,6 +37,7 @@ import torch
 
 from prefopt.data import hh, jsonl, shp, synthetic, ultrafeedback
 from prefopt.data.types import BadRows, PreferenceExample
+from prefopt.data.unpaired import is_unpaired, label_counts, unpair, unpaired_mode
 from utils import ConfigError
 
 IGNORE_INDEX = -100
@@ -52,6 +60,64 @@ def get_examples(cfg, split: str, bad_rows: BadRows | None = None) -> list[Prefe
     if not rows:
         raise ConfigError(f"dataset={cfg.name} has no {split} rows; check dataset.path and its contents")
     return rows
+
+
+def unpaired_rows(rows: list, mode, loss_unpaired: bool, loss_name: str | None = None) -> tuple[list, str | None]:
+    """(the rows a loss trains or evaluates on, a one-line note or None), as
+    `data.unpaired` (auto | true | false) says. Rows are PreferenceExample or
+    TokenizedExample rows (see prefopt/data/unpaired.py for the format).
+
+    A loss that learns from unpaired rows (`loss_unpaired`, e.g. KTO) gets:
+      pairs           split by auto and true, each into (prompt, chosen,
+                      label=True) then (prompt, rejected, label=False); false
+                      refuses them (ConfigError);
+      unpaired rows   as they are, whatever the mode.
+    The note counts the desirable and undesirable rows; when one kind is
+    missing it is a warning (TRL's KTO trains on such data too, but the loss
+    then only pushes one way).
+    Any other loss (the DPO family, SFT) gets its rows as they are, no note;
+    unpaired rows, or data.unpaired=true, are a ConfigError for it.
+    `loss_name` only words the messages ("loss=kto")."""
+    mode = unpaired_mode(mode)
+    loss = f"loss={loss_name}" if loss_name else "this loss"
+    n_unpaired = sum(map(is_unpaired, rows))
+    if 0 < n_unpaired < len(rows):
+        raise ConfigError(f"{n_unpaired} of {len(rows)} rows are unpaired (they have a label) and the others are "
+                          "not; give one kind of row")
+    if not loss_unpaired:
+        if n_unpaired:
+            raise ConfigError(f'{loss} needs pairs ("chosen"/"rejected") but the data holds {n_unpaired} unpaired '
+                              'rows ("completion" with a "label"); use loss=kto, which learns from unpaired rows, '
+                              "or a file of pairs")
+        if mode == "true":
+            raise ConfigError(f"data.unpaired=true only applies to a loss that learns from unpaired data, such as "
+                              f"loss=kto; {loss} trains on the rows as they are: use data.unpaired=auto or false")
+        return rows, None
+    if not rows:
+        return rows, None
+    if n_unpaired:
+        desirable, undesirable = label_counts(rows)
+        counts = f"{desirable} desirable (label true), {undesirable} undesirable (label false)"
+        if desirable and undesirable:
+            return rows, f"{len(rows)} unpaired rows for {loss}: {counts}"
+        only, other = ("desirable", "undesirable") if desirable else ("undesirable", "desirable")
+        return rows, (f"warning: all {len(rows)} unpaired rows for {loss} are {only} ({counts}): the loss can only "
+                      f"push these completions one way, with no {other} example to contrast them with; add rows "
+                      f"labelled {str(not desirable).lower()} if you have them")
+    n_sft = sum(r.rejected is None for r in rows)
+    if n_sft:
+        raise ConfigError(f"{loss} learns from unpaired rows but {n_sft} of {len(rows)} rows have neither a rejected "
+                          'response nor a label; give pairs (data.unpaired=auto splits them) or a file of '
+                          '{"prompt", "completion", "label"} rows')
+    if mode == "false":
+        raise ConfigError(f"{loss} learns from unpaired rows but the data holds {len(rows)} pairs and "
+                          "data.unpaired=false; set data.unpaired=auto (or true) to split each pair into its chosen "
+                          '(label true) and rejected (label false) response, or pass a file of {"prompt", '
+                          '"completion", "label"} rows')
+    n = len(rows)
+    return unpair(rows), (f"data.unpaired={mode}: split {n} pairs into {2 * n} unpaired rows for {loss}: {n} "
+                          f"desirable (each chosen response, label true), {n} undesirable (each rejected one, label "
+                          "false)")
 
 
 # ----------------------------------------------------------------------------
@@ -85,7 +151,7 @@ def apply_chat_template(rows: list[PreferenceExample], tokenizer, dataset_cfg) -
         return tokenizer.apply_chat_template(head + [{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
 
-    return [PreferenceExample(render(r.prompt), r.chosen, r.rejected) for r in rows]
+    return [dataclasses.replace(r, prompt=render(r.prompt)) for r in rows]
 
 
 @dataclass
@@ -94,6 +160,7 @@ class TokenizedExample:
     chosen: list[int]
     rejected: list[int] | None
     reference_logps: tuple[float, float] | None = None  # (chosen, rejected), set by loss.precompute_reference
+    label: bool | None = None   # an unpaired row: its completion (in `chosen`) is desirable (True) or not (False)
 
 
 def tokenize_example(ex: PreferenceExample, tokenizer, max_length: int, max_prompt_length: int,
@@ -120,7 +187,7 @@ def tokenize_example(ex: PreferenceExample, tokenizer, max_length: int, max_prom
     prompt = head + prompt
     if len(prompt) + longest > max_length:
         responses = [r[: max_length - len(prompt)] for r in responses]
-    return TokenizedExample(prompt, responses[0], responses[1] if len(responses) > 1 else None)
+    return TokenizedExample(prompt, responses[0], responses[1] if len(responses) > 1 else None, label=ex.label)
 
 
 ADD_BOS = ("auto", "always", "never")
@@ -195,7 +262,10 @@ def drop_identical_pairs(train: list[TokenizedExample], eval_examples: list[Toke
     log-probabilities are the same function of the weights), so it only
     dilutes its batch: it is dropped. Eval pairs are counted, not dropped
     (eval rows stay aligned with the generations graded on them).
-    Every train pair identical is a ConfigError: the run could not learn."""
+    Every train pair identical is a ConfigError: the run could not learn.
+    SFT and unpaired rows (no rejected response) are not pairs: always kept.
+    (Split pairs into unpaired rows after this: an identical pair split gives
+    the same completion labelled both ways.)"""
     def same(ex):
         return ex.rejected is not None and ex.chosen == ex.rejected
 
@@ -225,16 +295,18 @@ def split_overlap_warning(train: list[PreferenceExample], eval_rows: list[Prefer
     prompt has learned what is preferred for it, whatever pair the eval row
     holds, so eval then measures recall, not generalization (the bundled task
     guarantees disjoint prompts for this reason). Exact duplicates (prompt,
-    chosen and rejected) are counted among them. Strings are compared exactly,
-    as loaded (before the chat template, which renders equal prompts equally)."""
+    chosen and rejected; for unpaired rows prompt, completion and label) are
+    counted among them. Strings are compared exactly, as loaded (before the
+    chat template, which renders equal prompts equally)."""
     prompts = {r.prompt for r in train}
-    pairs = {(r.prompt, r.chosen, r.rejected) for r in train}
+    rows = {(r.prompt, r.chosen, r.rejected, r.label) for r in train}
     shared = [r for r in eval_rows if r.prompt in prompts]
     if not shared:
         return None
-    exact = sum((r.prompt, r.chosen, r.rejected) in pairs for r in shared)
+    exact = sum((r.prompt, r.chosen, r.rejected, r.label) in rows for r in shared)
+    same = "completion and label" if any(map(is_unpaired, shared)) else "chosen and rejected"
     return (f"warning: {len(shared)} of {len(eval_rows)} eval rows share their prompt with a train row "
-            f"({exact} of them the same prompt, chosen and rejected): eval on them measures recall of training "
+            f"({exact} of them the same prompt, {same}): eval on them measures recall of training "
             "data, not generalization; deduplicate the file or pass dataset.eval_path=<rows with other prompts>")
 
 

@@ -34,9 +34,11 @@ from preference_datasets import (
     get_examples,
     split_overlap_warning,
     tokenize_rows,
+    unpaired_rows,
 )
 from prefopt import checkpoints, rundir
 from prefopt.config_checks import micro_batch_size
+from prefopt.data.unpaired import with_kl_completions
 from prefopt.divergence import DivergenceGuard
 from prefopt.losses import SeqLogps, build_loss, gathered_logps, sequence_stats
 from prefopt.memory import PeakMemory, keep_cpu_memory, optimizer_state_bytes, tensor_bytes
@@ -104,6 +106,8 @@ class BasicTrainer:
         self.eval_rows = get_examples(cfg.dataset, "eval", bad_rows)[: cfg.n_eval_examples]
         if bad_rows.count:
             self.print(f"skipped {bad_rows.count} malformed rows (data.skip_bad_rows=true); first: {bad_rows.first}")
+        if self.loss.data != "unpaired":   # unpaired rows, or data.unpaired=true, are an error here
+            unpaired_rows(self.train_rows, cfg.data.get("unpaired", "auto"), False, self.loss.name)
         if self.loss.data == "pairs" and any(r.rejected is None for r in self.train_rows):
             raise ConfigError(f"loss={self.loss.name} needs a 'rejected' response in every row of "
                               f"dataset={cfg.dataset.name}")
@@ -117,10 +121,17 @@ class BasicTrainer:
 
         train = tokenize_rows(self.train_rows, self.tokenizer, cfg)   # chat template, data.add_bos, truncation
         self.eval_examples = tokenize_rows(self.eval_rows, self.tokenizer, cfg)
-        if self.loss.data == "pairs":
+        self.generation_examples = self.eval_examples   # one per eval row, even when KTO splits the pairs
+        if self.loss.two_sequences:
             train, warning = drop_identical_pairs(train, self.eval_examples, cfg.max_length)
             if warning:
                 self.print(warning)
+        if self.loss.data == "unpaired":   # KTO: pairs split after identical ones are dropped (their halves cancel)
+            mode = cfg.data.get("unpaired", "auto")
+            train, message = unpaired_rows(train, mode, True, self.loss.name)
+            self.eval_examples, _ = unpaired_rows(self.eval_examples, mode, True, self.loss.name)
+            if message:
+                self.print(message)
         # Each rank reads its own slice of every global batch.
         self.train_stream = BatchStream(train, cfg.batch_size, cfg.seed)
 
@@ -151,7 +162,12 @@ class BasicTrainer:
         return True
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        return collate(examples, self.tokenizer.pad_token_id, self.loss.two_sequences, self.share_prompt)
+        if self.loss.data != "unpaired":
+            return collate(examples, self.tokenizer.pad_token_id, self.loss.two_sequences, self.share_prompt)
+        batch = collate(with_kl_completions(examples, self.cfg.max_length), self.tokenizer.pad_token_id, True,
+                        self.share_prompt)
+        batch["desirable"] = torch.tensor([ex.label for ex in examples])
+        return batch
 
     def _offload_device(self) -> str | None:
         if not self.cfg.cpu_offload:
@@ -231,8 +247,9 @@ class BasicTrainer:
         once; a sharded tensor counts its local shard), reduced over ranks."""
         params = list(self.policy.parameters())
         state_total, state_by_name = optimizer_state_bytes(self.optimizer)
+        reference = self.reference.parameters() if self.reference is not None else []
         mine = {"params": tensor_bytes(params), "grads": tensor_bytes(p.grad for p in params),
-                "optimizer_state": state_total, "peak": self.memory.read()}
+                "optimizer_state": state_total, "reference_params": tensor_bytes(reference), "peak": self.memory.read()}
         mine.update({f"optimizer_state/{k}": v for k, v in state_by_name.items()})
         return self.reduce_memory(mine)
 
@@ -339,7 +356,23 @@ class BasicTrainer:
         self.scheduler.step()
         self.step += 1
         self.examples += self.cfg.batch_size
+        if self.syncs_reference and self.step % self.loss.options["ref_model_sync_steps"] == 0:
+            self.sync_reference()
         window["_seconds"].append(time.perf_counter() - start)
+
+    @property
+    def syncs_reference(self) -> bool:
+        return bool(self.loss.options.get("sync_ref_model")) and self.reference is not None
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """TR-DPO (Gorbatovski et al., 2024, arXiv:2404.09656), TRL's
+        sync_ref_model: ref <- alpha * policy + (1 - alpha) * ref every
+        loss.ref_model_sync_steps optimizer steps. Elementwise, so a sharded
+        trainer mixes its own shards; checkpoints then carry the reference."""
+        alpha = self.loss.options["ref_model_mixup_alpha"]
+        for ref, policy in zip(self.reference.parameters(), self.policy.parameters(), strict=True):
+            ref.mul_(1.0 - alpha).add_(policy, alpha=alpha)
 
     def handle_nonfinite(self, grad_norm: torch.Tensor) -> None:
         """nonfinite=stop: raise, leaving the weights and the last checkpoint
@@ -453,7 +486,7 @@ class BasicTrainer:
         """Greedy decoding on held-out prompts; exact match with the chosen
         answer (the bundled task is verifiable: chosen is the right answer)."""
         rows = self.eval_rows[self.rank:self.cfg.n_eval_generations:self.world_size]
-        examples = self.eval_examples[self.rank:self.cfg.n_eval_generations:self.world_size]
+        examples = self.generation_examples[self.rank:self.cfg.n_eval_generations:self.world_size]
         batch = collate_prompts([ex.prompt for ex in examples], self.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         max_new = max(len(ex.chosen) for ex in examples)
@@ -466,11 +499,15 @@ class BasicTrainer:
 
     # ------------------------------------------------------------ checkpoints
     def training_state(self) -> dict:
-        """Everything besides the weights that an exact resume needs."""
-        return {"optimizer": self.optimizer.state_dict(), **self.progress_state()}
+        """Everything besides the weights that an exact resume needs (with
+        TR-DPO, the moving reference too)."""
+        reference = {"reference": self.reference.state_dict()} if self.syncs_reference else {}
+        return {"optimizer": self.optimizer.state_dict(), **reference, **self.progress_state()}
 
     def load_training_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.syncs_reference:
+            self.reference.load_state_dict(state["reference"])
         self.load_progress_state(state)
 
     def progress_state(self) -> dict:

@@ -438,7 +438,7 @@ def _check_types(cfg: DictConfig, defaults: DictConfig) -> None:
             continue
         group, _, keyword = key.partition(".")
         kind = keywords[keyword] if group == "optimizer" and keyword in keywords else Kind.of(default)
-        if default == "auto":   # auto | true | false switches (dataset.chat_template, data.add_bos)
+        if default == "auto":   # auto | true | false switches (dataset.chat_template, data.add_bos, data.unpaired)
             kind = Kind(frozenset({str, bool}))
         if kind is not None and not kind.accepts(value):
             raise ConfigError(f"{key}={value!r} should be {kind.describe()} (default: {default})")
@@ -481,6 +481,7 @@ def micro_batch_size(cfg, world: int) -> int:
 def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     """All the checks that need no model and no data."""
     from prefopt import optim as optimizers
+    from prefopt.data.unpaired import unpaired_mode
     from prefopt.models import resolve_archive
 
     if defaults is not None:
@@ -498,6 +499,7 @@ def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     _choice(cfg, "nonfinite", ("stop", "skip"))
     _choice(cfg, "divergence.action", ("stop", "warn", "off"))
     _choice(cfg, "data.add_bos", ("auto", "always", "never", True, False))
+    unpaired_mode(OmegaConf.select(cfg, "data.unpaired"))   # auto | true | false (prefopt/data/unpaired.py)
     for key in ("divergence.param_norm_factor", "divergence.loss_factor", "divergence.patience"):
         _at_least(cfg, key, 1)
     micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))

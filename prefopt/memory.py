@@ -236,7 +236,10 @@ def plan(cfg) -> dict:
     world = int(cfg.trainer.get("nproc") or 1) if cfg.trainer.name == "fsdp" else 1
     if cfg.trainer.name == "fsdp" and str(cfg.trainer.get("nproc")) == "auto":
         world = max(1, torch.cuda.device_count())
-    preference = cfg.loss.name != "sft"
+    from prefopt.losses import build_loss
+
+    loss = build_loss(cfg.loss)
+    preference = loss.two_sequences
     micro = cfg.batch_size // (cfg.gradient_accumulation_steps * world)
     tokens = micro * cfg.max_length * (2 if preference else 1)
     checkpointing = bool(cfg.trainer.get("activation_checkpointing", False))
@@ -248,7 +251,7 @@ def plan(cfg) -> dict:
         "world_size": world,
         "params_bytes": n_params * dtype_bytes,
         "grads_bytes": sum(p.numel() for p in trainable) * dtype_bytes,
-        "reference_params_bytes": n_params * dtype_bytes if preference and not cfg.loss.get("reference_free") else 0,
+        "reference_params_bytes": n_params * dtype_bytes if loss.needs_reference else 0,   # SimPO, CPO, ORPO: none
         "optimizer_state_bytes": sum(state.values()),
         "optimizer_state": state,
         "activations_bytes_estimate": activation_bytes(model.config, tokens, dtype_bytes, checkpointing),

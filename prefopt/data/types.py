@@ -14,9 +14,14 @@ from utils import ConfigError
 
 @dataclass(frozen=True)
 class PreferenceExample:
+    """One row. A pair: `chosen` is preferred to `rejected`. An SFT row:
+    `rejected` is None. An unpaired row (KTO's data, see unpaired.py): the
+    completion is in `chosen`, `rejected` is None and `label` says whether
+    it is desirable (True) or undesirable (False); `label` is None otherwise."""
     prompt: str
     chosen: str
     rejected: str | None = None
+    label: bool | None = None
 
 
 class BadRows:

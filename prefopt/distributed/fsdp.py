@@ -372,6 +372,8 @@ class FSDPTrainer(BasicTrainer):
         # optimizer first: torch may initialise an empty optimizer state with a zero-lr step
         set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         set_model_state_dict(self.policy, state["model"])
+        if self.syncs_reference:
+            set_model_state_dict(self.reference, state["reference"])
         mine = ckpt / RANK_STATE.format(self.rank)
         own = mine if self.rank and mine.is_file() else ckpt / checkpoints.STATE_FILE
         self.load_training_state(torch.load(own, map_location="cpu", weights_only=True))
@@ -380,8 +382,9 @@ class FSDPTrainer(BasicTrainer):
     def _sharded_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+        reference = {"reference": get_model_state_dict(self.reference)} if self.syncs_reference else {}
         return {"model": get_model_state_dict(self.policy),
-                "optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
+                "optimizer": get_optimizer_state_dict(self.policy, self.optimizer), **reference}
 
     # ------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
