@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -216,19 +217,20 @@ def _smoothed_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
 # |y| a response's token count, NLL the SFT term.
 
 def dpo(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
-    """-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h); eps > 0 is conservative DPO (cDPO).
-    Rafailov et al., 2023, arXiv:2305.18290."""
+    """-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    eps = label_smoothing > 0 is conservative DPO (cDPO). Rafailov et al., 2023, arXiv:2305.18290."""
     return -(1 - label_smoothing) * F.logsigmoid(beta * p.margin) - label_smoothing * F.logsigmoid(-beta * p.margin)
 
 
 def hinge(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """max(0, 1 - beta h). SLiC, Zhao et al., 2023, arXiv:2305.10425."""
+    """max(0, 1 - beta h)
+    SLiC, Zhao et al., 2023, arXiv:2305.10425."""
     return torch.relu(1 - beta * p.margin)
 
 
 def ipo(p: Pairs, *, beta: float = 0.1, token_average: bool = True) -> torch.Tensor:
-    """(s_w/|y_w| - s_l/|y_l| - 1/(2 beta))^2; token_average=false: (h - 1/(2 beta))^2 on summed log-probs.
-    Azar et al., 2023, arXiv:2310.12036 (Eq. 17). The per-token average is the form whose results the paper
+    """(s_w/|y_w| - s_l/|y_l| - 1/(2 beta))^2; token_average=false: (h - 1/(2 beta))^2
+    token_average=false uses summed log-probs. Azar et al., 2023, arXiv:2310.12036 (Eq. 17). The per-token average is the form whose results the paper
     reports (TRL's loss_type=ipo, confirmed by the authors per TRL); the summed form is the DPO reference repo's."""
     if not token_average:
         return (p.margin - 1 / (2 * beta)) ** 2
@@ -237,102 +239,104 @@ def ipo(p: Pairs, *, beta: float = 0.1, token_average: bool = True) -> torch.Ten
 
 
 def exo_pair(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 1e-3) -> torch.Tensor:
-    """KL(q || [1-eps, eps]) with q = softmax of beta (r_w, r_l): sigma(bh)(log sigma(bh) - log(1-eps))
-    + sigma(-bh)(log sigma(-bh) - log eps). EXO, Ji et al., 2024, arXiv:2402.00856 (Eq. 16); eps > 0."""
+    """KL(softmax(beta r_w, beta r_l) || (1-eps, eps))
+    = sigma(bh)(log sigma(bh) - log(1-eps)) + sigma(-bh)(log sigma(-bh) - log eps), eps > 0.
+    EXO, Ji et al., 2024, arXiv:2402.00856 (Eq. 16)."""
     x = beta * p.margin
     return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-label_smoothing))
             + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(label_smoothing)))
 
 
 def nca_pair(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """-log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l).
+    """-log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l)
     NCA, Chen et al., 2024, arXiv:2402.05369."""
     return (-F.logsigmoid(beta * p.chosen) - 0.5 * F.logsigmoid(-beta * p.chosen)
             - 0.5 * F.logsigmoid(-beta * p.rejected))
 
 
 def robust(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
-    """[-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps): unbiased under label flips
-    with rate eps. Robust DPO, Chowdhury et al., 2024, arXiv:2403.00409."""
+    """[-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)
+    Unbiased under preference labels flipped with rate eps. Robust DPO, Chowdhury et al., 2024, arXiv:2403.00409."""
     x = beta * p.margin
     return (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (1 - 2 * label_smoothing)
 
 
 def bco_pair(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """-log sigmoid(beta r_w) - log sigmoid(-beta r_l). BCO, Jung et al., 2024, arXiv:2404.04656."""
+    """-log sigmoid(beta r_w) - log sigmoid(-beta r_l)
+    BCO, Jung et al., 2024, arXiv:2404.04656."""
     return -F.logsigmoid(beta * p.chosen) - F.logsigmoid(-beta * p.rejected)
 
 
 def sppo_hard(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """(r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2: SPPO with hard win probabilities 1 and 0.
-    Wu et al., 2024, arXiv:2405.00675 (Eq. 4.7)."""
+    """(r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2
+    SPPO with hard win probabilities 1 and 0. Wu et al., 2024, arXiv:2405.00675 (Eq. 4.7)."""
     return (p.chosen - 0.5 / beta) ** 2 + (p.rejected + 0.5 / beta) ** 2
 
 
 def aot(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
-    """cDPO's loss on sort(log pi(w) - log pi(l)) - sort(log ref(w) - log ref(l)) over the batch: a
-    stochastic-dominance (optimal transport) alignment. AOT, Melnyk et al., 2024, arXiv:2406.05882."""
+    """cDPO on sort_batch(log pi(w) - log pi(l)) - sort_batch(log ref(w) - log ref(l))
+    A distributional (stochastic dominance, optimal transport) alignment. AOT, Melnyk et al., 2024, arXiv:2406.05882."""
     delta = (torch.sort(p.policy_chosen - p.policy_rejected, dim=0)[0]
              - torch.sort(p.reference_chosen - p.reference_rejected, dim=0)[0])
     return _smoothed_sigmoid(beta * delta, label_smoothing)
 
 
 def aot_unpaired(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
-    """cDPO's loss on sort(r_w) - sort(r_l) over the batch (unpaired AOT).
-    Melnyk et al., 2024, arXiv:2406.05882."""
+    """cDPO on sort_batch(r_w) - sort_batch(r_l)
+    Unpaired AOT. Melnyk et al., 2024, arXiv:2406.05882."""
     delta = torch.sort(p.chosen, dim=0)[0] - torch.sort(p.rejected, dim=0)[0]
     return _smoothed_sigmoid(beta * delta, label_smoothing)
 
 
 def apo_zero(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """1 - sigmoid(beta r_w) + sigmoid(beta r_l): raise chosen, lower rejected (chosen better than the
-    model's own outputs). APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 7)."""
+    """1 - sigmoid(beta r_w) + sigmoid(beta r_l)
+    Raises chosen, lowers rejected (for chosen responses better than the model's own). APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 7)."""
     return 1 - torch.sigmoid(beta * p.chosen) + torch.sigmoid(beta * p.rejected)
 
 
 def apo_down(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """sigmoid(beta r_w) + 1 - sigmoid(beta (r_w - r_l)): lower both, rejected more (chosen worse than the
-    model's own outputs). APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 8)."""
+    """sigmoid(beta r_w) + 1 - sigmoid(beta (r_w - r_l))
+    Lowers both, rejected more (for chosen responses worse than the model's own). APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 8)."""
     return torch.sigmoid(beta * p.chosen) + (1 - torch.sigmoid(beta * (p.chosen - p.rejected)))
 
 
 def discopop(p: Pairs, *, beta: float = 0.1, discopop_tau: float = 0.05) -> torch.Tensor:
-    """(1 - m) (-log sigmoid(beta h)) + m e^(-beta h), m = sigmoid(beta h / tau): the log-ratio modulated loss.
-    DiscoPOP, Chris Lu et al., 2024, arXiv:2406.08414 (Eq. 5)."""
+    """(1 - m) (-log sigmoid(beta h)) + m e^(-beta h), m = sigmoid(beta h / tau)
+    The log-ratio modulated loss. DiscoPOP, Chris Lu et al., 2024, arXiv:2406.08414 (Eq. 5)."""
     x = beta * p.margin
     modulation = torch.sigmoid(x / discopop_tau)
     return -F.logsigmoid(x) * (1 - modulation) + torch.exp(-x) * modulation
 
 
 def sigmoid_norm(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """-log sigmoid(beta (s_w/|y_w| - s_l/|y_l|)): DPO on per-token average log-ratios
-    (TRL's sigmoid_norm)."""
+    """-log sigmoid(beta (s_w/|y_w| - s_l/|y_l|))
+    DPO on per-token average log-ratios (TRL's sigmoid_norm)."""
     delta = p.chosen_scores / p.chosen_tokens.clamp(min=1) - p.rejected_scores / p.rejected_tokens.clamp(min=1)
     return -F.logsigmoid(beta * delta)
 
 
 def sft(p: Pairs) -> torch.Tensor:
-    """NLL = -sum log pi(y_w|x) / sum |y_w| over the batch: language modelling on the chosen responses.
-    As a term of loss=sum it is TRL's loss_type=sft (RPO's NLL)."""
+    """NLL = -sum log pi(y_w|x) / sum |y_w| over the batch
+    Language modelling on the chosen responses. As a term of loss=sum it is TRL's loss_type=sft (RPO's NLL)."""
     return p.nll.expand(p.policy_chosen.shape[0])
 
 
 def simpo(p: Pairs, *, beta: float = 2.0, simpo_gamma: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
-    """-log sigmoid(beta log pi(w)/|y_w| - beta log pi(l)/|y_l| - gamma), no reference model.
-    SimPO, Meng et al., 2024, arXiv:2405.14734 (Eq. 6; the paper's beta 2.0-2.5, gamma/beta 0.3-0.8)."""
+    """-log sigmoid(beta log pi(w)/|y_w| - beta log pi(l)/|y_l| - gamma)
+    No reference model. SimPO, Meng et al., 2024, arXiv:2405.14734 (Eq. 6; the paper's beta 2.0-2.5, gamma/beta 0.3-0.8)."""
     delta = p.policy_chosen / p.chosen_tokens.clamp(min=1) - p.policy_rejected / p.rejected_tokens.clamp(min=1)
     return _smoothed_sigmoid(beta * delta - simpo_gamma, label_smoothing)
 
 
 def cpo(p: Pairs, *, beta: float = 0.1, cpo_alpha: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
-    """-log sigmoid(beta (log pi(w) - log pi(l))) + alpha NLL, no reference model.
-    CPO, Xu et al., 2024, arXiv:2401.08417 (Eq. 3 plus the NLL term of its Eq. 6)."""
+    """-log sigmoid(beta (log pi(w) - log pi(l))) + alpha NLL
+    No reference model. CPO, Xu et al., 2024, arXiv:2401.08417 (Eq. 3 plus the NLL term of its Eq. 6)."""
     return _smoothed_sigmoid(beta * (p.policy_chosen - p.policy_rejected), label_smoothing) + cpo_alpha * p.nll
 
 
 def orpo(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
-    """NLL - lambda log sigmoid(log odds(w) - log odds(l)), odds(y) = P/(1-P) of the per-token average
-    log P = log pi(y|x)/|y|; lambda = beta; no reference model. ORPO, Hong et al., 2024, arXiv:2403.07691
+    """NLL - beta log sigmoid(log odds(w) - log odds(l)), odds = P/(1-P), log P = log pi(y|x)/|y|
+    No reference model; beta is the paper's lambda. ORPO, Hong et al., 2024, arXiv:2403.07691
     (Eqs. 4-7)."""
     avg_w = p.policy_chosen / p.chosen_tokens.clamp(min=1)
     avg_l = p.policy_rejected / p.rejected_tokens.clamp(min=1)
@@ -347,9 +351,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def kto(p: Pairs, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
         ) -> torch.Tensor:
-    """lambda_D (1 - sigmoid(beta (r - z))) for a desirable row, lambda_U (1 - sigmoid(beta (z - r))) for an
-    undesirable one, z = max(0, mean over the batch of log pi(y'|x) - log ref(y'|x)) with y' the completion of
-    another row (the KL reference point, no gradient). KTO, Ethayarajh et al., 2024, arXiv:2402.01306 (Eq. 7).
+    """w_D (1 - sigmoid(beta (r - z))) if desirable, else w_U (1 - sigmoid(beta (z - r)))
+    z = max(0, mean over the batch of log pi(y'|x) - log ref(y'|x)) with y' the completion of another row
+    (the KL reference point, no gradient); w_D, w_U the desirable and undesirable weights. KTO, Ethayarajh et al., 2024, arXiv:2402.01306 (Eq. 7).
     Rows are unpaired: p.chosen is each row's log-ratio, p.rejected that of its mismatched KL completion. The
     KL estimate is over this process's micro-batch."""
     kl = p.rejected.mean().detach().clamp(min=0)
@@ -410,11 +414,18 @@ class LossEntry:
 
     @property
     def formula(self) -> str:
+        """The first line of the function's docstring."""
         return inspect.getdoc(self.fn).split("\n")[0]
+
+    @property
+    def paper(self) -> str:
+        """The citation in the function's docstring ("Name et al., year, arXiv:id")."""
+        found = re.search(r"(\S+ et al\., \d{4}, arXiv:\d+\.\d+)", " ".join(inspect.getdoc(self.fn).split()))
+        return found.group(1) if found else ""
 
 
 LOSSES = {
-    "sft": LossEntry(sft, data="chosen", needs_reference=False, trl="sft (DPOConfig), SFTTrainer"),
+    "sft": LossEntry(sft, data="chosen", needs_reference=False, trl="sft; SFTTrainer"),
     "dpo": LossEntry(dpo, trl="sigmoid", f_divergence=True),
     "hinge": LossEntry(hinge, trl="hinge", f_divergence=True),
     "ipo": LossEntry(ipo, trl="ipo", f_divergence=True),
@@ -442,6 +453,7 @@ SUMS = {
     "rpo": (["dpo", "sft"], [1.0, 1.0]),                      # RPO: DPO + NLL on the chosen response (TRL's docs)
     "mpo": (["dpo", "bco_pair", "sft"], [0.8, 0.2, 1.0]),     # MPO: preference + quality + generation (TRL's docs)
 }
+SUM_PAPERS = {"rpo": "Pang et al., 2024, arXiv:2404.19733", "mpo": "Wang et al., 2024, arXiv:2411.10442"}
 SUM_TERMS = [name for name, e in LOSSES.items() if e.data == "pairs" or name == "sft"]
 
 
@@ -538,12 +550,13 @@ class LossSpec:
         """beta * log-ratio as the implicit reward; for unpaired rows, the
         desirable and undesirable rows' means and the KL estimate."""
         beta = self.beta
-        if self.data == "unpaired":
-            rewards = beta * p.chosen.detach()
+        if self.data == "unpaired":   # "chosen" = the desirable rows, "rejected" = the undesirable ones
+            rewards, logps = beta * p.chosen.detach(), p.policy_chosen.detach()
             out = {"kl": p.rejected.detach().mean().clamp(min=0)}
             for name, mask in (("chosen", p.desirable), ("rejected", ~p.desirable)):
                 if mask.any():
                     out[f"rewards/{name}"] = rewards[mask].mean()
+                    out[f"logps/{name}"] = logps[mask].mean()
             return out
         chosen, rejected = beta * p.chosen.detach(), beta * p.rejected.detach()
         return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
@@ -651,3 +664,38 @@ def register_configs() -> None:
         store.store(group="loss", name=alias, node={"name": name, **LOSSES[name].keys})
     for name, (terms, weights) in SUMS.items():
         store.store(group="loss", name=name, node={"name": name, "terms": terms, "weights": weights, **sum_keys()})
+
+
+# ----------------------------------------------------------------------------
+# The loss table of README.md, made from the registry: `python -m prefopt.losses`.
+
+def loss_table() -> str:
+    """Markdown: every `loss=` value with its one-line formula, whether it
+    needs a reference model, its TRL name and its paper."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| `loss=` | formula (per pair, averaged over the batch) | reference | TRL | paper |",
+             "|---|---|---|---|---|"]
+    for name, e in LOSSES.items():
+        alias = [a for a, n in ALIASES.items() if n == name]
+        shown = f"`{name}`" + "".join(f" (`{a}`)" for a in alias)
+        lines.append(f"| {shown} | {cell(e.formula)} | {'yes' if e.needs_reference else 'no'} | "
+                     f"{e.trl or '-'} | {e.paper or '-'} |")
+    for name, (terms, weights) in SUMS.items():
+        if terms:
+            formula = " + ".join(f"{w:g} {t}" for t, w in zip(terms, weights))
+            trl = f"loss_type={[ALIASES_TRL.get(t, t) for t in terms]}, loss_weights={weights}".replace("'", "")
+            reference = "yes" if any(LOSSES[t].needs_reference for t in terms) else "no"
+        else:
+            formula, trl = "sum over loss.terms of weight * term (loss.weights, default 1 each)", "loss_weights"
+            reference = "if a term does"
+        lines.append(f"| `{name}` | {formula} | {reference} | {trl} | {SUM_PAPERS.get(name, '-')} |")
+    return "\n".join(lines)
+
+
+ALIASES_TRL = {ours: trl for trl, ours in ALIASES.items()}   # dpo -> sigmoid
+
+
+if __name__ == "__main__":
+    print(loss_table())

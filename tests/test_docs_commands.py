@@ -36,10 +36,8 @@ NOT_RUN = {
         "and runs the whole suite, this test included",
     "pip install torch==2.13.0 -r requirements-bench.txt":
         "installs TRL from PyPI: needs the network",
-    "python benchmarks/bench.py --vs-trl --rounds 4": "needs TRL (requirements-bench.txt), not installed here",
-    "python benchmarks/bench.py --vs-trl compile=true --warmup 5": "needs TRL (requirements-bench.txt), not installed here",
     "python benchmarks/bench.py --vs-trl loss.precompute_reference=true [compile=true --warmup 5]":
-        "needs TRL; the [...] marks optional arguments",
+        "the [...] marks optional arguments",
     "torchrun --nproc_per_node=8 train.py trainer=fsdp ...":
         "8 GPUs, and `...` stands for more overrides; the CPU form (trainer.nproc=2) is the next command",
     "python train.py trainer=fsdp model=tinyllama-1b":

@@ -105,3 +105,15 @@ def test_kto_batch_rotates_completions_for_the_kl_term(micro_trainer):
                 for i, r in enumerate(batch_rows)]
     assert loss.item() == pytest.approx(sum(expected) / 4, abs=1e-6)
     assert metrics["kl/eval"].item() == pytest.approx(z, abs=1e-6)
+
+
+def test_readme_loss_table_is_the_registry():
+    """README.md's loss table is `python -m prefopt.losses`, current."""
+    from conftest import ROOT
+
+    from prefopt.losses import loss_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- loss table: python -m prefopt.losses -->\n") + len(
+        "<!-- loss table: python -m prefopt.losses -->\n")
+    assert readme[start:readme.index("\n<!-- end of loss table -->")] == loss_table()
