@@ -109,7 +109,7 @@ def group_options(group: str, source: ConfigSource = DEFAULT_SOURCE) -> list[str
     if group == "optimizer":
         names |= set(optimizers.registry())
     if group == "loss":
-        names |= set(losses.LOSSES)
+        names |= set(losses.all_names())
     return sorted(names, key=str.lower)
 
 
@@ -148,7 +148,7 @@ def check_group_choices(parsed: list, source: ConfigSource = DEFAULT_SOURCE) -> 
         for choice in _choices(parsed, group):
             if any((d / group / f"{choice}.yaml").is_file() for d in source.dirs()):
                 continue
-            if group == "loss" and choice in losses.LOSSES:
+            if group == "loss" and choice in losses.all_names():
                 continue   # config nodes generated from the loss registry
             if group == "optimizer" and optimizers.find_entry(choice) is not None:
                 continue   # found without importing every optional optimizer package

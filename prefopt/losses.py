@@ -230,7 +230,8 @@ def hinge(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
 
 def ipo(p: Pairs, *, beta: float = 0.1, token_average: bool = True) -> torch.Tensor:
     """(s_w/|y_w| - s_l/|y_l| - 1/(2 beta))^2; token_average=false: (h - 1/(2 beta))^2
-    token_average=false uses summed log-probs. Azar et al., 2023, arXiv:2310.12036 (Eq. 17). The per-token average is the form whose results the paper
+    token_average=false uses summed log-probs. Azar et al., 2023, arXiv:2310.12036 (Eq. 17).
+    The per-token average is the form whose results the paper
     reports (TRL's loss_type=ipo, confirmed by the authors per TRL); the summed form is the DPO reference repo's."""
     if not token_average:
         return (p.margin - 1 / (2 * beta)) ** 2
@@ -290,13 +291,15 @@ def aot_unpaired(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -
 
 def apo_zero(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
     """1 - sigmoid(beta r_w) + sigmoid(beta r_l)
-    Raises chosen, lowers rejected (for chosen responses better than the model's own). APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 7)."""
+    Raises chosen, lowers rejected (for chosen responses better than the model's own).
+    APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 7)."""
     return 1 - torch.sigmoid(beta * p.chosen) + torch.sigmoid(beta * p.rejected)
 
 
 def apo_down(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
     """sigmoid(beta r_w) + 1 - sigmoid(beta (r_w - r_l))
-    Lowers both, rejected more (for chosen responses worse than the model's own). APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 8)."""
+    Lowers both, rejected more (for chosen responses worse than the model's own).
+    APO, D'Oosterlinck et al., 2024, arXiv:2408.06266 (Eq. 8)."""
     return torch.sigmoid(beta * p.chosen) + (1 - torch.sigmoid(beta * (p.chosen - p.rejected)))
 
 
@@ -323,7 +326,8 @@ def sft(p: Pairs) -> torch.Tensor:
 
 def simpo(p: Pairs, *, beta: float = 2.0, simpo_gamma: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
     """-log sigmoid(beta log pi(w)/|y_w| - beta log pi(l)/|y_l| - gamma)
-    No reference model. SimPO, Meng et al., 2024, arXiv:2405.14734 (Eq. 6; the paper's beta 2.0-2.5, gamma/beta 0.3-0.8)."""
+    No reference model. SimPO, Meng et al., 2024, arXiv:2405.14734 (Eq. 6; the paper's beta 2.0-2.5,
+    gamma/beta 0.3-0.8)."""
     delta = p.policy_chosen / p.chosen_tokens.clamp(min=1) - p.policy_rejected / p.rejected_tokens.clamp(min=1)
     return _smoothed_sigmoid(beta * delta - simpo_gamma, label_smoothing)
 
@@ -353,7 +357,8 @@ def kto(p: Pairs, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirab
         ) -> torch.Tensor:
     """w_D (1 - sigmoid(beta (r - z))) if desirable, else w_U (1 - sigmoid(beta (z - r)))
     z = max(0, mean over the batch of log pi(y'|x) - log ref(y'|x)) with y' the completion of another row
-    (the KL reference point, no gradient); w_D, w_U the desirable and undesirable weights. KTO, Ethayarajh et al., 2024, arXiv:2402.01306 (Eq. 7).
+    (the KL reference point, no gradient); w_D, w_U the desirable and undesirable weights.
+    KTO, Ethayarajh et al., 2024, arXiv:2402.01306 (Eq. 7).
     Rows are unpaired: p.chosen is each row's log-ratio, p.rejected that of its mismatched KL completion. The
     KL estimate is over this process's micro-batch."""
     kl = p.rejected.mean().detach().clamp(min=0)
@@ -495,7 +500,7 @@ class LossSpec:
 
     @property
     def data(self) -> str:
-        return "pairs" if len(self.terms) > 1 else self.terms[0].entry.data
+        return "pairs" if self.name in SUMS else self.terms[0].entry.data
 
     @property
     def two_sequences(self) -> bool:
@@ -593,7 +598,7 @@ def build_loss(loss_cfg) -> LossSpec:
 
 
 def _build_sum(name: str, loss_cfg) -> LossSpec:
-    terms = [canonical_name(t) for t in (loss_cfg.get("terms") or [])]
+    terms = [canonical_name(t) for t in (loss_cfg.get("terms") or SUMS[name][0])]
     if not terms:
         raise ConfigError(f"loss={name} needs loss.terms, e.g. 'loss.terms=[dpo,sft]' 'loss.weights=[1.0,1.0]'")
     unknown = [t for t in terms if t not in SUM_TERMS]
@@ -602,7 +607,8 @@ def _build_sum(name: str, loss_cfg) -> LossSpec:
                           f"{', '.join(SUM_TERMS)}")
     if len(set(terms)) != len(terms):
         raise ConfigError(f"loss.terms={terms} names a loss twice; give it one weight instead")
-    weights = [float(w) for w in (loss_cfg.get("weights") or [1.0] * len(terms))]
+    preset = SUMS[name][1] if not loss_cfg.get("terms") else None
+    weights = [float(w) for w in (loss_cfg.get("weights") or preset or [1.0] * len(terms))]
     if len(weights) != len(terms):
         raise ConfigError(f"loss.weights has {len(weights)} values for {len(terms)} loss.terms; give one weight "
                           "per term (or none: all 1.0)")
