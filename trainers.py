@@ -443,7 +443,7 @@ class BasicTrainer:
     def log_window(self, window: dict) -> dict:
         train_time = sum(window.pop("_seconds"))
         tokens = torch.stack(window.pop("_tokens")).sum()
-        means = {k: torch.stack(v).float().mean() for k, v in window.items()}
+        means = {k: torch.stack(v).float().nanmean() for k, v in window.items()}   # NaN: nothing to average
         means["_tokens"] = tokens.float()
         means = {k: v.item() for k, v in self.reduce_metrics(means).items()}
         tokens = means.pop("_tokens") * self.world_size
@@ -460,15 +460,16 @@ class BasicTrainer:
     def evaluate(self) -> dict:
         self.policy.eval()
         self.optimizer_mode("eval")
-        sums, n = defaultdict(float), 0
+        sums, counts = defaultdict(float), defaultdict(int)
         size = self.cfg.eval_batch_size * self.world_size
         for i in range(0, len(self.eval_examples), size):
             mine = self.eval_examples[i:i + size][self.rank::self.world_size]
             _, metrics = self.batch_metrics(self.collate(mine), "eval")
             for k, v in metrics.items():
-                sums[k] += v * len(mine)
-            n += len(mine)
-        metrics = {k: v / n for k, v in sums.items()}
+                if not torch.isnan(v):   # NaN: nothing to average in this batch (KTO without desirable rows)
+                    sums[k] += v * len(mine)
+                    counts[k] += len(mine)
+        metrics = {k: v / counts[k] for k, v in sums.items()}
         if self.cfg.dataset.get("verifiable") and self.cfg.n_eval_generations:
             metrics["generate_eval/accuracy"] = self.generation_accuracy()
         metrics = {k: float(v) for k, v in self.reduce_metrics(

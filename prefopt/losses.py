@@ -559,9 +559,9 @@ class LossSpec:
             rewards, logps = beta * p.chosen.detach(), p.policy_chosen.detach()
             out = {"kl": p.rejected.detach().mean().clamp(min=0)}
             for name, mask in (("chosen", p.desirable), ("rejected", ~p.desirable)):
-                if mask.any():
-                    out[f"rewards/{name}"] = rewards[mask].mean()
-                    out[f"logps/{name}"] = logps[mask].mean()
+                # always logged (ranks must agree on the keys); NaN when the batch has no such row
+                out[f"rewards/{name}"] = rewards[mask].mean()
+                out[f"logps/{name}"] = logps[mask].mean()
             return out
         chosen, rejected = beta * p.chosen.detach(), beta * p.rejected.detach()
         return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),

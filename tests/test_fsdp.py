@@ -227,3 +227,22 @@ def test_fsdp_matches_basic_over_ten_steps_with_weight_decay(decay_sweep, name):
             assert diff <= STATE_RTOL * scale, f"{name}: state {key} of {n} differs by {diff:.3g} (largest {scale:.3g})"
     for key in ("loss/eval", "rewards_eval/margins"):
         assert fsdp["eval"][key] == pytest.approx(basic["eval"][key], abs=1e-5, rel=0), (name, key)
+
+
+@pytest.mark.parametrize("loss, basic_extra", [
+    # TR-DPO's reference mixing runs on each rank's shards; WPO and LD-DPO on each rank's pairs
+    (["loss=dpo", "loss.sync_ref_model=true", "loss.ref_model_sync_steps=2", "loss.use_weighting=true",
+      "loss.ld_alpha=0.5"], []),
+    # KTO's KL estimate is per micro-batch: the basic trainer splits the batch in two as the 2 ranks do
+    (["loss=kto"], ["gradient_accumulation_steps=2"]),
+], ids=["tr_dpo_wpo_ld", "kto"])
+def test_loss_family_matches_basic(tmp_path, loss, basic_extra):
+    run = [*RUN, *loss, "optimizer=AdamW", "max_steps=4"]
+    torchrun("trainer=fsdp", *run, f"run_dir={tmp_path / 'fsdp'}")
+    fsdp_train = [r for r in read_metrics(tmp_path / "fsdp") if "loss/train" in r]
+    basic_train = [r for r in basic_run(tmp_path / "basic", *run, *basic_extra) if "loss/train" in r]
+    assert len(fsdp_train) == len(basic_train) == 4
+    for f, b in zip(fsdp_train, basic_train):
+        for key in ("loss/train", "rewards_train/chosen", "rewards_train/rejected", "kl/train"):
+            if key in b:
+                assert f[key] == pytest.approx(b[key], abs=1e-5, rel=0), (f["step"], key)

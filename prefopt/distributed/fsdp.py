@@ -261,14 +261,18 @@ class FSDPTrainer(BasicTrainer):
         return bool(stop.requested)
 
     def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Mean over ranks: one all_reduce of one stacked tensor."""
+        """Mean over ranks: one all_reduce of one stacked tensor. A NaN (a
+        metric with nothing to average on this rank, such as KTO's desirable
+        rewards in a batch without desirable rows) is left out of the mean."""
         if self.world_size == 1:
             return metrics
         keys = sorted(metrics)
         flat = torch.stack([torch.as_tensor(metrics[k]).to(self.device, torch.float64).reshape(()) for k in keys])
+        present = ~flat.isnan()
+        flat = torch.cat([torch.where(present, flat, 0.0), present.double()])
         dist.all_reduce(flat)
-        flat /= self.world_size
-        reduced = dict(zip(keys, flat.unbind()))
+        total, count = flat.chunk(2)
+        reduced = dict(zip(keys, (total / count).unbind()))
         return {k: reduced[k] for k in metrics}
 
     def gradient_sync(self, last_micro_batch: bool):
