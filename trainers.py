@@ -38,7 +38,7 @@ from preference_datasets import (
 )
 from prefopt import checkpoints, rundir
 from prefopt.config_checks import micro_batch_size
-from prefopt.data.unpaired import with_kl_completions
+from prefopt.data.unpaired import check_kl_batch, with_kl_completions
 from prefopt.divergence import DivergenceGuard
 from prefopt.losses import SeqLogps, build_loss, gathered_logps, sequence_stats
 from prefopt.memory import PeakMemory, keep_cpu_memory, optimizer_state_bytes, tensor_bytes
@@ -118,6 +118,8 @@ class BasicTrainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.micro_batch_size = micro_batch_size(cfg, self.world_size)
+        if self.loss.data == "unpaired":
+            check_kl_batch(self.micro_batch_size)
 
         train = tokenize_rows(self.train_rows, self.tokenizer, cfg)   # chat template, data.add_bos, truncation
         self.eval_examples = tokenize_rows(self.eval_rows, self.tokenizer, cfg)

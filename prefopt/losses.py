@@ -575,13 +575,17 @@ def canonical_name(name: str) -> str:
 
 
 def _checked(key: str, value, default):
+    """`value` of loss.`key` in its default's type, range-checked (KEY_CHECKS)."""
     check = KEY_CHECKS.get(key)
-    if value is not None and isinstance(default, bool):
-        value = bool(value)
-    elif value is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
-        value = type(default)(value)
-    elif key == "ld_alpha" and value is not None:
-        value = float(value)
+    try:
+        if value is not None and isinstance(default, bool):
+            value = bool(value)
+        elif value is not None and isinstance(default, (int, float)):
+            value = type(default)(value)
+        elif key == "ld_alpha" and value is not None:
+            value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"loss.{key}={value!r} should be a number") from None
     if check and not check[0](value):
         raise ConfigError(f"loss.{key}={value} {check[1]}")
     return value

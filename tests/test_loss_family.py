@@ -70,6 +70,10 @@ def test_alias_records_the_canonical_name(micro_trainer):
     (["loss=sum", "loss.terms=[dpo,sft]", "loss.weights=[1.0]"], "1 values for 2 loss.terms"),
     (["loss=dpo", "loss.ld_alpha=2"], "loss.ld_alpha=2.0 must be null or in [0, 1]"),
     (["loss=dpo", "loss.f_divergence_type=kl"], "must be one of reverse_kl"),
+    (["loss=dpo", "loss.ld_alpha=abc"], "loss.ld_alpha='abc' should be a number"),
+    (["loss=kto", "batch_size=8", "gradient_accumulation_steps=8"], "needs at least 2 rows per micro-batch"),
+    (["loss=kto", "data.unpaired=false"], "data.unpaired=false; set data.unpaired=auto"),
+    (["loss=dpo", "data.unpaired=true"], "data.unpaired=true only applies"),
 ])
 def test_bad_loss_settings_are_one_line_errors(micro_trainer, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")) as e:

@@ -89,8 +89,13 @@ def with_kl_completions(batch: Sequence[Row], max_length: int) -> list[Row]:
     rotation TRL's KTOTrainer uses), cut to fit max_length after its own
     prompt. The batch then runs through the pair machinery unchanged: the
     "chosen" log-probs are the rows', the "rejected" ones the KL terms'."""
-    if len(batch) < 2:
-        raise ConfigError("loss=kto needs at least 2 rows per micro-batch: its KL estimate pairs each prompt with "
-                          "another row's completion; raise batch_size or lower gradient_accumulation_steps")
+    check_kl_batch(len(batch))
     return [dataclasses.replace(row, rejected=batch[i - 1].chosen[: max(1, max_length - len(row.prompt))])
             for i, row in enumerate(batch)]
+
+
+def check_kl_batch(rows: int) -> None:
+    """A micro-batch of one row has no other row to borrow a KL completion from."""
+    if rows < 2:
+        raise ConfigError("loss=kto needs at least 2 rows per micro-batch: its KL estimate pairs each prompt with "
+                          "another row's completion; raise batch_size or lower gradient_accumulation_steps")
