@@ -12,8 +12,7 @@ per-token log-probabilities, as TRL's fused LM head would:
 
 Ours gets the same per-token values through `sequence_stats`, the way the
 trainer hands them over. Inputs are float64 so that the two agree to 1e-6
-wherever they compute the same formula. Skipped when TRL is not installed (it
-is optional: requirements-bench.txt).
+wherever they compute the same formula. TRL is pinned in requirements-test.txt.
 """
 import contextlib
 import math
@@ -30,12 +29,13 @@ from prefopt.losses import LOSSES, build_loss, register_configs, sequence_stats
 from utils import ConfigError
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-_dpo_module = pytest.importorskip("trl.trainer.dpo_trainer")
-_kto_module = pytest.importorskip("trl.trainer.kto_trainer")
-CPOTrainer = pytest.importorskip("trl.experimental.cpo").CPOTrainer
-ORPOTrainer = pytest.importorskip("trl.experimental.orpo").ORPOTrainer
+import trl.trainer.dpo_trainer as _dpo_module  # noqa: E402  (after the env var that silences its experimental warning)
+import trl.trainer.kto_trainer as _kto_module  # noqa: E402
+from accelerate.utils import is_peft_model  # noqa: E402
+from trl.experimental.cpo import CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+
 DPOTrainer, KTOTrainer = _dpo_module.DPOTrainer, _kto_module.KTOTrainer
-is_peft_model = pytest.importorskip("accelerate.utils").is_peft_model
 
 TOL = 1e-6
 B = 4
