@@ -4,6 +4,7 @@
     python compare.py runs/run_a runs/run_b --target-loss 0.5   # or run dirs, or several sweeps
     python compare.py <sweep> --json                            # machine-readable
     python compare.py <sweep> --markdown --plot results.png     # for a README
+    python compare.py <sweep> --panels margin,chosen_logps,greedy_acc   # other plot panels
 
 A run dir is a folder holding `metrics.jsonl` and `config.yaml` (what
 train.py writes); a sweep dir is a folder whose sub-folders are run dirs (what
@@ -13,10 +14,24 @@ Columns (all from metrics.jsonl unless said otherwise):
   run              the run dir's name
   optimizer        config.yaml `optimizer.name`, plus `momentum=` and
                    `nesterov` when set (SGD vs SGD with momentum)
-  lr, loss         config.yaml `lr` and `loss.name`
+  lr               config.yaml `lr`
+  loss             config.yaml `loss.name`; for `loss=sum`, its terms
+                   (`sum[dpo,sft]`, a weight other than 1 as `0.5*sft`);
+                   settings that change what a loss is, in parentheses:
+                   `ipo(summed)` (loss.token_average=false), `ld_alpha=`,
+                   `f=<f_divergence_type>`, `wpo` (use_weighting),
+                   `sync_ref`, `ref_free` (reference_free)
   eval_loss        `loss/eval` at the last eval; best_eval_loss: its minimum
   reward_acc       `rewards_eval/accuracies` at the last eval
   reward_margin    `rewards_eval/margins` at the last eval
+                   (reward = beta * log pi/ref; beta * log pi for the
+                   reference-free losses simpo, cpo, orpo)
+  chosen_drift     `logps_eval/chosen` at the last eval minus at the first
+                   (the summed log-prob of the chosen responses: negative =
+                   they got less likely, "likelihood displacement"); n/a
+                   with fewer than two evals logging it
+  greedy_acc       `generate_eval/accuracy` at the last eval (greedy decoding,
+                   exact match; verifiable datasets only)
   tokens_per_s     mean of `tokens_per_s` over all log steps
   state_bytes      `memory/optimizer_state_bytes` at the last log step
   state_B/param    state_bytes / number of parameters, where the number of
@@ -32,9 +47,13 @@ Columns (all from metrics.jsonl unless said otherwise):
   sparsity_bf16    `update/sparsity` at the last log step, and
   sparsity_exact   `update/sparsity_exact` (only when some run logged them:
                    metrics.update_sparsity=true)
+A metric a run did not log (KTO logs no reward accuracy or margin, SFT no
+rewards at all) is n/a.
 
-The PNG has three panels side by side: eval loss, eval reward margin, and
-memory (optimizer state, solid; peak, dashed) against the optimizer step.
+The PNG has panels side by side, against the optimizer step: by default
+three, eval loss, eval reward margin, and memory (optimizer state, solid;
+peak, dashed). `--panels` picks them, in order, from: loss, margin, memory,
+reward_acc, chosen_logps (`logps_eval/chosen`), greedy_acc.
 
 A path that is neither a run nor a sweep of runs is refused with one line on
 stderr and exit status 2.
@@ -142,6 +161,43 @@ def _last(rows: list[dict], key: str):
     return values[-1] if values else None
 
 
+def _drift(rows: list[dict], key: str):
+    """The last value of `key` minus its first; None unless logged twice. A NaN
+    is skipped: KTO logs NaN for the desirable/undesirable metrics of a batch
+    that has no such rows."""
+    values = [r[key] for r in rows if key in r and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
+    return values[-1] - values[0] if len(values) >= 2 else None
+
+
+def _weighted(term, weight) -> str:
+    return str(term) if weight in (None, 1, 1.0) else f"{weight:g}*{term}" if isinstance(weight, (int, float)) \
+        else f"{weight}*{term}"
+
+
+def loss_label(loss: dict) -> str | None:
+    """`loss.name`, with what makes it a different loss: a sum's terms, IPO's
+    summed form, and the modifiers that change the objective."""
+    name = loss.get("name")
+    if name is None:
+        return None
+    label = str(name)
+    if name == "sum" and loss.get("terms"):
+        weights = loss.get("weights") or [None] * len(loss["terms"])
+        label += "[" + ",".join(_weighted(t, w) for t, w in zip(loss["terms"], weights)) + "]"
+    extras = []
+    if name == "ipo" and loss.get("token_average") is False:
+        extras.append("summed")
+    if loss.get("ld_alpha") is not None:
+        extras.append(f"ld_alpha={loss['ld_alpha']:g}" if isinstance(loss["ld_alpha"], (int, float))
+                      else f"ld_alpha={loss['ld_alpha']}")
+    if loss.get("f_divergence_type") not in (None, "reverse_kl"):
+        extras.append(f"f={loss['f_divergence_type']}")
+    for key, shown in (("use_weighting", "wpo"), ("sync_ref_model", "sync_ref"), ("reference_free", "ref_free")):
+        if loss.get(key) is True:
+            extras.append(shown)
+    return f"{label}({','.join(extras)})" if extras else label
+
+
 def summarize(run: Path, target_loss: float) -> dict:
     cfg = read_config(run)
     rows = read_metrics(run)
@@ -160,12 +216,14 @@ def summarize(run: Path, target_loss: float) -> dict:
         "path": str(run),
         "optimizer": optimizer_label(cfg["optimizer"]),
         "lr": cfg.get("lr"),
-        "loss": (cfg.get("loss") or {}).get("name"),
+        "loss": loss_label(cfg.get("loss") or {}),
         "steps": rows[-1]["step"] if rows else None,
         "eval_loss": evals[-1]["loss/eval"] if evals else None,
         "best_eval_loss": min(r["loss/eval"] for r in evals) if evals else None,
         "reward_acc": _last(evals, "rewards_eval/accuracies"),
         "reward_margin": _last(evals, "rewards_eval/margins"),
+        "chosen_drift": _drift(evals, "logps_eval/chosen"),
+        "greedy_acc": _last(evals, "generate_eval/accuracy"),
         "tokens_per_s": sum(tokens) / len(tokens) if tokens else None,
         "state_bytes": state,
         "params": n_params,
@@ -179,6 +237,12 @@ def summarize(run: Path, target_loss: float) -> dict:
             "eval_loss": [r["loss/eval"] for r in evals],
             "margin_step": [r["step"] for r in evals if "rewards_eval/margins" in r],
             "margin": [r["rewards_eval/margins"] for r in evals if "rewards_eval/margins" in r],
+            "reward_acc_step": [r["step"] for r in evals if "rewards_eval/accuracies" in r],
+            "reward_acc": [r["rewards_eval/accuracies"] for r in evals if "rewards_eval/accuracies" in r],
+            "chosen_step": [r["step"] for r in evals if "logps_eval/chosen" in r],
+            "chosen": [r["logps_eval/chosen"] for r in evals if "logps_eval/chosen" in r],
+            "greedy_step": [r["step"] for r in evals if "generate_eval/accuracy" in r],
+            "greedy": [r["generate_eval/accuracy"] for r in evals if "generate_eval/accuracy" in r],
             "mem_step": [r["step"] for r in logs],
             "state": [r["memory/optimizer_state_bytes"] for r in logs],
             "peak_step": [r["step"] for r in logs if "memory/peak_bytes" in r],
@@ -199,11 +263,13 @@ def columns(summaries: list[dict], target_loss: float) -> list[tuple[str, str, c
         ("run", "run", str),
         ("optimizer", "optimizer", str),
         ("lr", "lr", num("g")),
-        ("loss", "loss", str),
+        ("loss", "loss", lambda v: "n/a" if v is None else str(v)),
         ("eval_loss", "eval_loss", num(".4f")),
         ("best_eval_loss", "best_eval_loss", num(".4f")),
         ("reward_acc", "reward_acc", num(".3f")),
         ("reward_margin", "reward_margin", num(".4f")),
+        ("chosen_drift", "chosen_drift", num("+.3f")),
+        ("greedy_acc", "greedy_acc", num(".3f")),
         ("tokens_per_s", "tokens_per_s", num(".0f")),
         ("state_bytes", "state_bytes", num(",d")),
         ("state_B/param", "state_bytes_per_param", num(".3f")),
@@ -250,39 +316,84 @@ def _spread_out(peaks: list[float]) -> bool:
     return len(peaks) > 2 and peaks[-1] > 10 * max(peaks[len(peaks) // 2], 1e-12)
 
 
-def write_plot(summaries: list[dict], path: Path, target_loss: float) -> None:
+# name -> (title, x curve, y curve); "loss" and "memory" are drawn by hand below.
+PANELS = {
+    "loss": ("eval loss (loss/eval)", "eval_step", "eval_loss"),
+    "margin": ("eval reward margin (rewards_eval/margins)", "margin_step", "margin"),
+    "memory": ("memory: optimizer state (solid), peak (dashed)", None, None),
+    "reward_acc": ("eval reward accuracy (rewards_eval/accuracies)", "reward_acc_step", "reward_acc"),
+    "chosen_logps": ("log-prob of the chosen responses (logps_eval/chosen)", "chosen_step", "chosen"),
+    "greedy_acc": ("greedy accuracy (generate_eval/accuracy)", "greedy_step", "greedy"),
+}
+DEFAULT_PANELS = ("loss", "margin", "memory")
+
+
+def parse_panels(text: str) -> tuple[str, ...]:
+    panels = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in panels if p not in PANELS]
+    if unknown or not panels:
+        raise CompareError(f"--panels {text}: {'unknown panel ' + unknown[0] if unknown else 'no panel'}; "
+                           f"choose among {', '.join(PANELS)}")
+    return panels
+
+
+def legend_label(s: dict, summaries: list[dict]) -> str:
+    """The run's name, plus its optimizer and loss where the runs differ in them."""
+    label = s["run"]
+    if len({x["optimizer"] for x in summaries}) > 1:
+        label += f": {s['optimizer']}"
+    if len({x["loss"] for x in summaries}) > 1 and str(s["loss"]) not in s["run"]:
+        label += f": {s['loss']}"
+    return label
+
+
+def write_plot(summaries: list[dict], path: Path, target_loss: float,
+               panels: tuple[str, ...] = DEFAULT_PANELS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     n = len(summaries)
     colors = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
     markers = "os^Dv*"
     rows_of_legend = math.ceil(n / 4)
-    fig, (ax_loss, ax_margin, ax_mem) = plt.subplots(1, 3, figsize=(16, 4.6 + 0.22 * rows_of_legend), sharex=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.6 + 0.22 * rows_of_legend),
+                             sharex=True, squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+    handles = []
     for i, s in enumerate(summaries):
         c, color, marker = s["_curves"], colors[i % len(colors)], markers[(i // len(colors)) % len(markers)]
-        label = f"{s['run']}: {s['optimizer']}"
-        ax_loss.plot(c["eval_step"], c["eval_loss"], marker=marker, ms=3, color=color, label=label)
-        ax_margin.plot(c["margin_step"], c["margin"], marker=marker, ms=3, color=color)
-        ax_mem.plot(c["mem_step"], [b / MIB for b in c["state"]], color=color)
-        ax_mem.plot(c["peak_step"], [b / MIB for b in c["peak"]], color=color, ls="--", alpha=0.7)
-    low, high = ax_loss.get_ylim()
-    if math.isfinite(target_loss) and low <= target_loss <= high:  # only when the curves come near it
-        ax_loss.axhline(target_loss, color="grey", lw=0.8, ls=":")
-    ax_loss.set(title="eval loss (loss/eval)", xlabel="optimizer step")
-    margin_title = "eval reward margin (rewards_eval/margins)"
-    if _spread_out([max(s["_curves"]["margin"], key=abs, default=None) for s in summaries]):
-        ax_margin.set_yscale("symlog", linthresh=1.0)   # keep the ordinary runs readable next to an outlier
-        margin_title += ", symlog"
-    ax_margin.set(title=margin_title, xlabel="optimizer step")
-    ax_mem.set(title="memory: optimizer state (solid), peak (dashed)", xlabel="optimizer step", ylabel="MiB, symlog")
-    ax_mem.set_yscale("symlog", linthresh=1.0)  # 0 (SGD) and both scales on one axis
-    ax_mem.set_ylim(bottom=0)
-    for ax in (ax_loss, ax_margin, ax_mem):
+        for name, ax in axes.items():
+            if name == "memory":
+                ax.plot(c["mem_step"], [b / MIB for b in c["state"]], color=color)
+                ax.plot(c["peak_step"], [b / MIB for b in c["peak"]], color=color, ls="--", alpha=0.7)
+            else:
+                _, x, y = PANELS[name]
+                ax.plot(c[x], c[y], marker=marker, ms=3, color=color)
+        handles.append(Line2D([], [], marker=marker, ms=3, color=color,
+                                   label=legend_label(s, summaries)))
+    for name, ax in axes.items():
+        title = PANELS[name][0]
+        if name == "loss":
+            low, high = ax.get_ylim()
+            if math.isfinite(target_loss) and low <= target_loss <= high:  # only when the curves come near it
+                ax.axhline(target_loss, color="grey", lw=0.8, ls=":")
+        if name in ("margin", "chosen_logps"):
+            key = "margin" if name == "margin" else "chosen"
+            if _spread_out([max(s["_curves"][key], key=abs, default=None) for s in summaries]):
+                ax.set_yscale("symlog", linthresh=1.0)   # keep the ordinary runs readable next to an outlier
+                title += ", symlog"
+        if name == "memory":
+            ax.set(ylabel="MiB, symlog")
+            ax.set_yscale("symlog", linthresh=1.0)  # 0 (SGD) and both scales on one axis
+            ax.set_ylim(bottom=0)
+        if name in ("reward_acc", "greedy_acc"):
+            ax.set_ylim(-0.03, 1.03)
+        ax.set(title=title, xlabel="optimizer step")
         ax.grid(alpha=0.3)
-    fig.legend(*ax_loss.get_legend_handles_labels(), loc="lower center", ncol=min(n, 4), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=min(n, 4), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, (0.17 * rows_of_legend + 0.1) / fig.get_figheight(), 1, 1))  # room for the legend
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -299,17 +410,21 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"eval loss for the steps-to-target column (default {DEFAULT_TARGET_LOSS})")
     parser.add_argument("--plot", help="PNG path (default: <sweep>/compare.png)")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+    parser.add_argument("--panels", default=",".join(DEFAULT_PANELS),
+                        help=f"the PNG's panels, comma-separated, from {', '.join(PANELS)} "
+                             f"(default {','.join(DEFAULT_PANELS)})")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of the table")
     out.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     try:
+        panels = parse_panels(args.panels)
         runs = find_runs(args.paths)
         summaries = [summarize(run, args.target_loss) for run in runs]
         plot = None
         if not args.no_plot:
             plot = Path(args.plot) if args.plot else default_plot_path(args.paths, runs)
-            write_plot(summaries, plot, args.target_loss)
+            write_plot(summaries, plot, args.target_loss, panels)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -126,6 +126,8 @@ def independent_summary(run_dir):
         "state_bytes_per_param": logs[-1]["memory/optimizer_state_bytes"] / n_params,
         "peak_bytes": max(r["memory/peak_bytes"] for r in logs),
         "sparsity_bf16": logs[-1]["update/sparsity"], "sparsity_exact": logs[-1]["update/sparsity_exact"],
+        "chosen_drift": evals[-1]["logps_eval/chosen"] - evals[0]["logps_eval/chosen"],
+        "greedy_acc": evals[-1]["generate_eval/accuracy"],
     }
 
 
@@ -160,6 +162,7 @@ def test_json_and_table_equal_the_metrics_files(sweep, capsys, tmp_path):
         assert float(cells["lr"]) == expected["lr"]
         for col, key, tol in [("eval_loss", "eval_loss", 5e-5), ("best_eval_loss", "best_eval_loss", 5e-5),
                               ("reward_acc", "reward_acc", 5e-4), ("reward_margin", "reward_margin", 5e-5),
+                              ("chosen_drift", "chosen_drift", 5e-4), ("greedy_acc", "greedy_acc", 5e-4),
                               ("tokens_per_s", "tokens_per_s", 0.5), ("state_B/param", "state_bytes_per_param", 5e-4),
                               ("sparsity_bf16", "sparsity_bf16", 5e-7), ("sparsity_exact", "sparsity_exact", 5e-7)]:
             assert float(cells[col]) == pytest.approx(expected[key], abs=tol), col
@@ -273,3 +276,111 @@ def test_sparsity_off_costs_nothing(micro_trainer):
     assert trainer.sparsity is None                                 # no snapshot, no copy, nothing per step
     rows, _ = train_and_count(trainer)
     assert rows and not any(k.startswith("update/") for r in rows for k in r)
+
+
+# ------------------------------------------------------------------ loss comparison columns
+
+def fake_run(parent, name, loss, evals, opt="AdamW"):
+    """A run dir with the given `loss` config node and eval rows (plus one log row)."""
+    import yaml
+
+    run = parent / name
+    run.mkdir()
+    cfg = {"lr": 3e-4, "precision": "fp32", "loss": loss, "optimizer": {"name": opt}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"step": 0, **evals[0]}, {"step": 5, "tokens_per_s": 100.0, "memory/params_bytes": 400,
+                                      "memory/optimizer_state_bytes": 800, "memory/peak_bytes": 2 ** 20}]
+    rows += [{"step": 5 * i, **e} for i, e in enumerate(evals[1:], 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+PAIRED = {"rewards_eval/accuracies": 0.75, "rewards_eval/margins": 0.5}
+
+
+@pytest.fixture
+def loss_sweep(tmp_path):
+    sweep = tmp_path / "losses"
+    sweep.mkdir()
+    fake_run(sweep, "0_dpo", {"name": "dpo", "beta": 0.1}, [
+        {"loss/eval": 0.693, "logps_eval/chosen": -12.5, "generate_eval/accuracy": 0.25, **PAIRED},
+        {"loss/eval": 0.6, "logps_eval/chosen": -13.0, "generate_eval/accuracy": 0.5, **PAIRED},
+        {"loss/eval": 0.4, "logps_eval/chosen": -14.75, "generate_eval/accuracy": 0.625,
+         "rewards_eval/accuracies": 0.875, "rewards_eval/margins": 1.25}])
+    fake_run(sweep, "1_kto", {"name": "kto", "beta": 0.1}, [           # unpaired: no accuracies or margins
+        {"loss/eval": 0.5, "logps_eval/chosen": -12.5, "logps_eval/rejected": -13.0, "kl/eval": 0.0,
+         "generate_eval/accuracy": 0.25},
+        {"loss/eval": 0.4, "logps_eval/chosen": float("nan"), "kl/eval": 0.1},   # no desirable rows: NaN, skipped
+        {"loss/eval": 0.3, "logps_eval/chosen": -10.25, "logps_eval/rejected": -20.0, "kl/eval": 0.1,
+         "generate_eval/accuracy": 0.375}])
+    fake_run(sweep, "2_sum", {"name": "sum", "terms": ["dpo", "sft"], "weights": [1.0, 0.5]}, [
+        {"loss/eval": 2.0, "logps_eval/chosen": -12.5, **PAIRED}])     # one eval, no generations
+    fake_run(sweep, "3_ipo", {"name": "ipo", "token_average": False, "ld_alpha": 0.5,
+                              "f_divergence_type": "js_divergence", "use_weighting": True}, [
+        {"loss/eval": 25.0, **PAIRED}, {"loss/eval": 20.0, **PAIRED}])   # no log-probs logged
+    return sweep
+
+
+def test_chosen_drift_and_greedy_acc_are_exact(loss_sweep, capsys):
+    assert compare.main([str(loss_sweep), "--json", "--no-plot"]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert rows["0_dpo"]["chosen_drift"] == -14.75 - -12.5 == -2.25     # last eval minus first, not the middle
+    assert rows["0_dpo"]["greedy_acc"] == 0.625
+    assert rows["0_dpo"]["reward_acc"] == 0.875 and rows["0_dpo"]["reward_margin"] == 1.25
+    assert rows["1_kto"]["chosen_drift"] == 2.25 and rows["1_kto"]["greedy_acc"] == 0.375
+    assert rows["1_kto"]["reward_acc"] is None and rows["1_kto"]["reward_margin"] is None
+    assert rows["2_sum"]["chosen_drift"] is None and rows["2_sum"]["greedy_acc"] is None   # one eval; none logged
+    assert rows["3_ipo"]["chosen_drift"] is None and rows["3_ipo"]["greedy_acc"] is None
+    assert [r["loss"] for r in rows.values()] == ["dpo", "kto", "sum[dpo,0.5*sft]",
+                                                  "ipo(summed,ld_alpha=0.5,f=js_divergence,wpo)"]
+
+    assert compare.main([str(loss_sweep), "--no-plot"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = lines[0].split()
+    assert header.index("chosen_drift") == header.index("reward_margin") + 1
+    assert header.index("greedy_acc") == header.index("chosen_drift") + 1
+    cells = {line.split()[0]: dict(zip(header, line.split())) for line in lines[2:]}
+    assert [cells[r]["chosen_drift"] for r in rows] == ["-2.250", "+2.250", "n/a", "n/a"]
+    assert [cells[r]["greedy_acc"] for r in rows] == ["0.625", "0.375", "n/a", "n/a"]
+    assert [cells[r]["reward_acc"] for r in rows] == ["0.875", "n/a", "0.750", "0.750"]
+    assert [cells[r]["loss"] for r in rows] == [rows[r]["loss"] for r in rows]
+
+    assert compare.main([str(loss_sweep), "--markdown", "--no-plot"]) == 0
+    md = capsys.readouterr().out.strip().splitlines()
+    head = [c.strip() for c in md[0].strip("|").split("|")]
+    kto = dict(zip(head, (c.strip() for c in md[3].strip("|").split("|"))))
+    assert kto["run"] == "1_kto" and kto["reward_acc"] == kto["reward_margin"] == "n/a"
+    assert kto["chosen_drift"] == "+2.250" and kto["greedy_acc"] == "0.375"
+
+
+@pytest.mark.parametrize("loss,label", [
+    ({"name": "dpo", "ld_alpha": None, "f_divergence_type": "reverse_kl", "use_weighting": False}, "dpo"),
+    ({"name": "ipo", "token_average": True}, "ipo"),
+    ({"name": "ipo", "token_average": False}, "ipo(summed)"),
+    ({"name": "sum", "terms": ["dpo", "sft"], "weights": [1.0, 1.0]}, "sum[dpo,sft]"),
+    ({"name": "sum", "terms": ["dpo", "bco_pair"], "weights": []}, "sum[dpo,bco_pair]"),
+    ({"name": "rpo", "terms": ["dpo", "sft"], "weights": [1.0, 1.0]}, "rpo"),        # a named sum keeps its name
+    ({"name": "dpo", "sync_ref_model": True, "reference_free": True}, "dpo(sync_ref,ref_free)"),
+    ({}, None),
+])
+def test_loss_label(loss, label):
+    assert compare.loss_label(loss) == label
+
+
+def test_loss_panels_png(loss_sweep, tmp_path):
+    png = tmp_path / "losses.png"
+    r = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(loss_sweep), "--plot", str(png),
+                        "--panels", "margin,chosen_logps,greedy_acc,reward_acc"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[1] > 1200                                  # four panels: wider than the default three
+
+
+def test_unknown_panel_is_one_line(loss_sweep):
+    r = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(loss_sweep), "--panels", "margin,greedy"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "unknown panel greedy" in r.stderr and "greedy_acc" in r.stderr
+    assert not list(loss_sweep.rglob("*.png"))
