@@ -36,7 +36,7 @@ from preference_datasets import (
     tokenize_rows,
     unpaired_rows,
 )
-from prefopt import checkpoints, rundir
+from prefopt import adapters, checkpoints, rundir
 from prefopt.config_checks import micro_batch_size
 from prefopt.data.unpaired import check_kl_batch, with_kl_completions
 from prefopt.divergence import DivergenceGuard
@@ -78,12 +78,15 @@ class BasicTrainer:
             keep_cpu_memory()
         self.dtype = resolve_dtype(cfg.precision, self.device)
         self.loss = build_loss(cfg.loss)
+        self.adapters = adapters.enabled(cfg)   # peft=lora/dora
         set_seed(cfg.seed)
         self._load_rows()          # before the tokenizer and model: bad data fails in a second
         self.tokenizer = build_tokenizer(cfg.model)
         self._setup_data()
         self.policy = self._setup_policy()
         self.reference = self._setup_reference()
+        # with adapters the reference is the policy with its adapters disabled (no copy)
+        self.adapter_reference = self.adapters and self.loss.needs_reference
         self.share_prompt = self._share_prompt()
         self._setup_fast_paths()   # compile=true, loss.precompute_reference=true
         self.optimizer = self._build_optimizer()
@@ -139,12 +142,20 @@ class BasicTrainer:
 
     def _setup_policy(self) -> torch.nn.Module:
         policy = build_model(self.cfg.model, self.tokenizer, self.dtype, self.device)
+        if self.adapters:
+            policy = adapters.add_adapters(policy, self.cfg.peft, self.device)
         return self._wrap(policy)
 
     def _setup_reference(self) -> torch.nn.Module | None:
         """A frozen copy of the starting policy (the SFT model when
-        model.archive points at an SFT run), as in the DPO paper."""
+        model.archive points at an SFT run), as in the DPO paper; none with
+        adapters (the base model is the reference)."""
         if not self.loss.needs_reference:
+            return None
+        if self.adapters:
+            if self.loss.options.get("sync_ref_model"):
+                raise ConfigError(f"loss.sync_ref_model=true needs a reference model of its own; with "
+                                  f"peft={self.cfg.peft.name} the reference is the base model, which cannot move")
             return None
         return self._frozen_copy(self.policy)
 
@@ -250,7 +261,8 @@ class BasicTrainer:
         params = list(self.policy.parameters())
         state_total, state_by_name = optimizer_state_bytes(self.optimizer)
         reference = self.reference.parameters() if self.reference is not None else []
-        mine = {"params": tensor_bytes(params), "grads": tensor_bytes(p.grad for p in params),
+        mine = {"params": tensor_bytes(params), "params_trainable": tensor_bytes(p for p in params if p.requires_grad),
+                "grads": tensor_bytes(p.grad for p in params),
                 "optimizer_state": state_total, "reference_params": tensor_bytes(reference), "peak": self.memory.read()}
         mine.update({f"optimizer_state/{k}": v for k, v in state_by_name.items()})
         return self.reduce_memory(mine)
@@ -263,8 +275,11 @@ class BasicTrainer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one progress bar (ours) is enough
-        self._unwrapped(self.policy).save_pretrained(directory, safe_serialization=True)
+        policy = self._unwrapped(self.policy)
+        policy.save_pretrained(directory, safe_serialization=True)   # with adapters: PEFT's adapter files
         self.tokenizer.save_pretrained(directory)
+        if self.adapters and (self.cfg.get("export") or {}).get("merged") and self.step == self.cfg.max_steps:
+            adapters.save_merged(policy, self.tokenizer, directory / "merged")
 
     # ------------------------------------------------------------ the math
     def batch_metrics(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict]:
@@ -284,6 +299,9 @@ class BasicTrainer:
         weighted when loss.ld_alpha is set, as the policy's."""
         if "reference_logps" in batch:
             return batch["reference_logps"]
+        if self.adapter_reference:
+            with adapters.disabled(self._unwrapped(self.policy)):
+                return self.forward_logps(self.policy, batch).scored
         if self.reference is None:
             return torch.zeros(batch["n_scored"].shape[0], device=self.device)  # one per sequence, whatever the layout
         return self.forward_logps(self.reference, batch).scored
@@ -302,7 +320,7 @@ class BasicTrainer:
 
     def _setup_fast_paths(self) -> None:
         self._compiled = {}
-        if self.reference is not None and self.cfg.loss.get("precompute_reference", False):
+        if (self.reference is not None or self.adapter_reference) and self.cfg.loss.get("precompute_reference", False):
             self.precompute_reference()
         if self.cfg.get("compile", False):
             for model in (self.policy, self.reference):
@@ -324,7 +342,7 @@ class BasicTrainer:
             logps = self.reference_logps({k: v.to(self.device) for k, v in batch.items()}).float().cpu().tolist()
             for ex, chosen, rejected in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
                 ex.reference_logps = (chosen, rejected)
-        self.reference = None
+        self.reference, self.adapter_reference = None, False
         self.print(f"reference log-probs of {len(examples)} pairs precomputed in {time.perf_counter() - t0:.1f}s")
 
     def micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:
@@ -600,8 +618,12 @@ class BasicTrainer:
     def load_weights_and_state(self, ckpt: Path) -> None:
         """Weights into the policy (the reference stays the starting model),
         then the training state."""
-        weights = checkpoints.load_model_weights(ckpt)
         policy = self._unwrapped(self.policy)
+        if self.adapters:
+            adapters.load_adapter_weights(policy, ckpt)
+            self.load_training_state(checkpoints.load_state_file(ckpt))
+            return
+        weights = checkpoints.load_model_weights(ckpt)
         missing, unexpected = policy.load_state_dict(weights, strict=False)
         tied = {k for k in missing if policy.config.tie_word_embeddings and "lm_head" in k}
         if unexpected or set(missing) - tied:
@@ -623,6 +645,7 @@ def _token_logps(model: torch.nn.Module, input_ids, attention_mask, position_ids
                  with_sum_sq: bool = False):
     """Log-probs of the scored tokens (see collate), and log sum_v p_v^2 at
     each of them when `with_sum_sq` (WPO)."""
+    model = adapters.base_model(model)   # a PEFT model's own forward would run the whole LM (head included)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS:
         hidden = model.base_model(**inputs).last_hidden_state

@@ -119,9 +119,13 @@ def load_state_file(ckpt: Path) -> dict:
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's model weights: the whole model, or (peft=lora/dora) its adapters."""
     from safetensors.torch import load_file
 
-    return load_file(ckpt / "model.safetensors")
+    from prefopt.adapters import ADAPTER_WEIGHTS
+
+    whole = ckpt / "model.safetensors"
+    return load_file(whole if whole.is_file() or not (ckpt / ADAPTER_WEIGHTS).is_file() else ckpt / ADAPTER_WEIGHTS)
 
 
 def is_loadable(ckpt: Path) -> str | None:

@@ -227,7 +227,11 @@ def activation_bytes(model_config, tokens: int, dtype_bytes: int, checkpointing:
 
 
 def plan(cfg) -> dict:
+    from prefopt import adapters
+
     model = build_meta_model(cfg)
+    if adapters.enabled(cfg):   # adapters on the meta device: their shapes are all the plan needs
+        model = adapters.add_adapters(model, cfg.peft, torch.device("cpu"))
     dtype_bytes = DTYPES["fp32" if cfg.precision == "auto" else cfg.precision].itemsize
     params = _unique(model.parameters())
     n_params = sum(p.numel() for p in params)
@@ -251,7 +255,9 @@ def plan(cfg) -> dict:
         "world_size": world,
         "params_bytes": n_params * dtype_bytes,
         "grads_bytes": sum(p.numel() for p in trainable) * dtype_bytes,
-        "reference_params_bytes": n_params * dtype_bytes if loss.needs_reference else 0,   # SimPO, CPO, ORPO: none
+        "trainable_params": sum(p.numel() for p in trainable),
+        # none for SimPO, CPO, ORPO; with adapters the reference is the base with them disabled
+        "reference_params_bytes": n_params * dtype_bytes if loss.needs_reference and not adapters.enabled(cfg) else 0,
         "optimizer_state_bytes": sum(state.values()),
         "optimizer_state": state,
         "activations_bytes_estimate": activation_bytes(model.config, tokens, dtype_bytes, checkpointing),
@@ -269,7 +275,7 @@ def format_table(p: dict) -> str:
         return f"{b / 1e9:10.3f} GB"
     lines = [f"memory plan: model={p['model']} ({p['parameters']:,} parameters), optimizer={p['optimizer']}, "
              f"precision={p['precision']}, world size {p['world_size']} (GB = 1e9 bytes)",
-             f"  {'parameters':<34}{gb(p['params_bytes'])}",
+             f"  {'parameters':<34}{gb(p['params_bytes'])}   ({p['trainable_params']:,} trainable)",
              f"  {'gradients':<34}{gb(p['grads_bytes'])}",
              f"  {'reference model (frozen)':<34}{gb(p['reference_params_bytes'])}",
              f"  {'optimizer state':<34}{gb(p['optimizer_state_bytes'])}"]

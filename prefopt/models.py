@@ -43,6 +43,9 @@ def resolve_archive(archive: str) -> Path:
     latest = latest_name(path)
     if latest:
         path = checkpoint_root(path) / latest
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ConfigError(f"model.archive={archive} holds PEFT adapters, not a whole model; start from its merged/ "
+                          "export (a run with export.merged=true writes it), or resume its run")
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model.archive={archive} is not a Hugging Face checkpoint (no config.json); "

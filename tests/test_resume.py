@@ -40,7 +40,10 @@ def wait_for_checkpoint(run_dir, proc, min_step, timeout=120):
 @pytest.mark.parametrize("extra", [["optimizer=AdamW"], ["optimizer=adam_mini"],
                                    # TR-DPO: the reference moves (every 4 steps), so checkpoints carry it
                                    ["optimizer=AdamW", "loss=dpo", "loss.sync_ref_model=true",
-                                    "loss.ref_model_sync_steps=4"]], ids=["AdamW", "adam_mini", "tr_dpo"])
+                                    "loss.ref_model_sync_steps=4"],
+                                   # LoRA: the checkpoint holds the adapters only; the base is rebuilt
+                                   ["optimizer=AdamW", "loss=dpo", "peft=lora"]],
+                         ids=["AdamW", "adam_mini", "tr_dpo", "lora"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path, extra):
     args = [*RUN, *extra]
     whole = run_cli(*args, f"run_dir={tmp_path / 'whole'}")

@@ -32,6 +32,20 @@ Partitions (which elements share a v):
     bias                         full per-element v (plain AdamW)
     norm, other                  one v for the whole tensor
 
+  LoRA adapters (peft=lora/dora; both partitions)
+    lora_A (r x in), lora_B (out x r)   one v per row. A row of B feeds one
+                                 output neuron of the frozen layer, whose
+                                 weights the paper finds to form a dense
+                                 Hessian block (its per-neuron rule for V and
+                                 MLP); a row of A is one of the r bottleneck
+                                 neurons, the same argument one level down.
+                                 One v per whole matrix would tie B's rows,
+                                 which start at zero and grow at very
+                                 different rates. The state is tiny either way
+                                 (out + r scalars per adapter). The paper
+                                 (seed 003, "Other orthogonal methods")
+                                 suggests Adam-mini for LoRA's Adam steps.
+
 Weight decay: none for biases and norm gains; everything else, embeddings
 included, is decayed by default (that is what the official package does;
 decay_embeddings=False exempts the input embedding). A run
@@ -131,6 +145,8 @@ def _neuron_block_ids(role, partition, n_out):
     """Block id for each output feature of the tensor, "full", or None (one block)."""
     r = role.role
     per_neuron = list(range(n_out))
+    if r in ("lora_a", "lora_b"):
+        return per_neuron   # both partitions: see LoRA in the module docstring
 
     def per_head():
         if role.num_heads is None or role.num_heads * role.head_dim != n_out:

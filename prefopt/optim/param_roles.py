@@ -44,7 +44,7 @@ except Exception:  # transformers missing or moved: no Conv1D layers to find
     Conv1D = None
 
 ROLES = ("embedding", "output", "query", "key", "value", "qkv", "attn_out",
-         "mlp", "norm", "bias", "other")
+         "mlp", "norm", "bias", "lora_a", "lora_b", "other")
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,12 @@ def parameter_roles(model):
     def assign(param, role):
         if param is not None and id(param) not in by_id:
             by_id[id(param)] = role
+
+    # 0) PEFT's LoRA matrices (peft=lora/dora), by name: they sit inside the
+    #    projections whose roles are found below, but are not those weights.
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            assign(p, ParamRole("lora_a" if ".lora_A." in name else "lora_b"))
 
     # 1) embedding / output, by identity. A tied lm_head *is* the embedding.
     try:
