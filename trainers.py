@@ -36,7 +36,7 @@ from preference_datasets import (
     tokenize_rows,
     unpaired_rows,
 )
-from prefopt import adapters, checkpoints, rundir
+from prefopt import adapters, checkpoints, reference_cache, rundir
 from prefopt.config_checks import micro_batch_size
 from prefopt.data.unpaired import check_kl_batch, with_kl_completions
 from prefopt.divergence import DivergenceGuard
@@ -84,10 +84,11 @@ class BasicTrainer:
         self.tokenizer = build_tokenizer(cfg.model)
         self._setup_data()
         self.policy = self._setup_policy()
-        self.reference = self._setup_reference()
-        # with adapters the reference is the policy with its adapters disabled (no copy)
-        self.adapter_reference = self.adapters and self.loss.needs_reference
         self.share_prompt = self._share_prompt()
+        cached = self._read_reference_cache()   # loss.precompute_reference: an earlier run's, from disk
+        self.reference = None if cached else self._setup_reference()
+        # with adapters the reference is the policy with its adapters disabled (no copy)
+        self.adapter_reference = self.adapters and self.loss.needs_reference and not cached
         self._setup_fast_paths()   # compile=true, loss.precompute_reference=true
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.warmup_steps, cfg.max_steps)
@@ -158,6 +159,36 @@ class BasicTrainer:
                                   f"peft={self.cfg.peft.name} the reference is the base model, which cannot move")
             return None
         return self._frozen_copy(self.policy)
+
+    def _read_reference_cache(self) -> bool:
+        """With loss.precompute_reference and reference_cache_dir: the reference
+        log-probs of every pair from the cache (reference_cache.py), put on the
+        examples. True on a hit: then no reference model is built at all."""
+        self._cache_entry = None
+        cache_dir = self.cfg.get("reference_cache_dir")
+        if not (self.loss.needs_reference and self.cfg.loss.get("precompute_reference", False) and cache_dir):
+            return False
+        examples = self.train_stream.examples + self.eval_examples
+        settings = {"share_prompt": self.share_prompt, "dtype": str(self.dtype), "device": self.device.type,
+                    "ld_alpha": self.loss.ld_alpha, "world_size": self.world_size}
+        key = reference_cache.cache_key(self.weights_digest(self.policy), examples, settings)
+        self._cache_entry = reference_cache.entry_path(cache_dir, key)
+        logps, problem = reference_cache.read(self._cache_entry, len(examples))
+        if problem:
+            self.print(f"warning: reference cache entry {self._cache_entry} is damaged ({problem}); recomputing it")
+        if not self.all_ranks(logps is not None):
+            return False
+        for ex, (chosen, rejected) in zip(examples, logps.tolist()):
+            ex.reference_logps = (chosen, rejected)
+        self.print(f"reference log-probs of {len(examples)} pairs read from {self._cache_entry}: no reference model "
+                   "is built")
+        return True
+
+    def weights_digest(self, model: torch.nn.Module) -> str:
+        """SHA-256 of the starting weights the reference is made of (adapters
+        excluded: with peft the reference is the base)."""
+        state = self._unwrapped(model).state_dict()
+        return reference_cache.tensor_digest(state[k] for k in sorted(state) if "lora_" not in k)
 
     def _share_prompt(self) -> bool:
         """share_prompt=true (the default) puts each pair in one row, the prompt
@@ -234,6 +265,10 @@ class BasicTrainer:
         """Stop after this step (SIGTERM/SIGINT)? A distributed trainer decides
         for all ranks together, so that they stop at the same step."""
         return bool(stop.requested)
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True when `flag` holds on every rank (one process: `flag`)."""
+        return flag
 
     def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mean over ranks; identity on one process."""
@@ -343,6 +378,9 @@ class BasicTrainer:
             for ex, chosen, rejected in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
                 ex.reference_logps = (chosen, rejected)
         self.reference, self.adapter_reference = None, False
+        if self._cache_entry is not None and self.is_main:
+            reference_cache.write(self._cache_entry, torch.tensor([ex.reference_logps for ex in examples]),
+                                  {"pairs": len(examples), "written_by": self.run_dir})
         self.print(f"reference log-probs of {len(examples)} pairs precomputed in {time.perf_counter() - t0:.1f}s")
 
     def micro_batches(self, examples: list) -> list[dict[str, torch.Tensor]]:

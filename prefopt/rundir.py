@@ -42,7 +42,8 @@ CLAIMED_ENV = "PREFOPT_RUN_DIR_CLAIMED"   # set for worker processes whose launc
 # computed. Everything else (lr, optimizer, loss, data, batch size, seed,
 # model, precision, ...) would mix two runs in one, and is refused.
 CHANGEABLE_ON_RESUME = ("max_steps", "log_every", "eval_every", "save_every", "keep_last", "resume", "run_dir",
-                        "nonfinite", "compile", "keep_cpu_memory", "eval_batch_size", "trainer.nproc")
+                        "nonfinite", "compile", "keep_cpu_memory", "eval_batch_size", "trainer.nproc",
+                        "reference_cache_dir")
 CHANGEABLE_PREFIXES = ("wandb.", "divergence.", "hydra.")
 
 

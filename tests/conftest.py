@@ -24,7 +24,8 @@ MICRO_MODEL = [
     "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
 ]
 FAST = ["wandb.mode=disabled", "dataset.n_train=256", "dataset.n_eval=32", "n_eval_examples=32",
-        "n_eval_generations=8", "batch_size=8", "eval_batch_size=16", "log_every=1"]
+        "n_eval_generations=8", "batch_size=8", "eval_batch_size=16", "log_every=1",
+        "reference_cache_dir=null"]   # tests that use the reference cache give it a tmp dir
 
 
 def compose(*overrides: str):
