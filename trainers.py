@@ -87,6 +87,9 @@ class BasicTrainer:
         self.share_prompt = self._share_prompt()
         cached = self._read_reference_cache()   # loss.precompute_reference: an earlier run's, from disk
         self.reference = None if cached else self._setup_reference()
+        self.offloaded_reference = self.reference is not None and self._reference_offloaded()
+        if self.offloaded_reference:
+            self.reference.to("cpu")
         # with adapters the reference is the policy with its adapters disabled (no copy)
         self.adapter_reference = self.adapters and self.loss.needs_reference and not cached
         self._setup_fast_paths()   # compile=true, loss.precompute_reference=true
@@ -159,6 +162,17 @@ class BasicTrainer:
                                   f"peft={self.cfg.peft.name} the reference is the base model, which cannot move")
             return None
         return self._frozen_copy(self.policy)
+
+    def _reference_offloaded(self) -> bool:
+        """reference.offload=true (OpenRLHF's --ref.offload): the frozen
+        reference lives in CPU memory and visits the GPU for its forward only.
+        GPU-only code (CUDA; not run on a GPU yet): on a CPU run it does nothing."""
+        if not (self.cfg.get("reference") or {}).get("offload", False):
+            return False
+        if self.device.type == "cpu":
+            self.print("reference.offload=true does nothing here: the reference is already in CPU memory")
+            return False
+        return True
 
     def _read_reference_cache(self) -> bool:
         """With loss.precompute_reference and reference_cache_dir: the reference
@@ -295,7 +309,8 @@ class BasicTrainer:
         once; a sharded tensor counts its local shard), reduced over ranks."""
         params = list(self.policy.parameters())
         state_total, state_by_name = optimizer_state_bytes(self.optimizer)
-        reference = self.reference.parameters() if self.reference is not None else []
+        reference = [p for p in (self.reference.parameters() if self.reference is not None else [])
+                     if p.device.type == self.device.type]   # bytes on the training device (none when offloaded)
         mine = {"params": tensor_bytes(params), "params_trainable": tensor_bytes(p for p in params if p.requires_grad),
                 "grads": tensor_bytes(p.grad for p in params),
                 "optimizer_state": state_total, "reference_params": tensor_bytes(reference), "peak": self.memory.read()}
@@ -339,6 +354,12 @@ class BasicTrainer:
                 return self.forward_logps(self.policy, batch).scored
         if self.reference is None:
             return torch.zeros(batch["n_scored"].shape[0], device=self.device)  # one per sequence, whatever the layout
+        if self.offloaded_reference:   # GPU only: in for its forward, back out after (never run on a GPU yet)
+            self.reference.to(self.device)
+            try:
+                return self.forward_logps(self.reference, batch).scored
+            finally:
+                self.reference.to("cpu")
         return self.forward_logps(self.reference, batch).scored
 
     def forward_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], with_wpo: bool = False
