@@ -232,3 +232,39 @@ def test_names_rejected_at_build_are_pinned(tiny):
     assert set(rejected) == set(REJECTED_AT_BUILD), rejected
     for name, word in REJECTED_AT_BUILD.items():
         assert word in rejected[name] and "\n" not in rejected[name], rejected[name]
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny):
+    """The same tiny Llama with LoRA adapters (peft=lora): only they train."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from prefopt.adapters import add_adapters
+
+    model, batch, _ = tiny
+    lora = add_adapters(copy.deepcopy(model), OmegaConf.create(
+        {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0, "target_modules": "all-linear", "use_dora": False}))
+    return lora, batch, {k: v.clone() for k, v in lora.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_registry_optimizer_trains_adapters_or_is_refused(tiny_lora, name):
+    """peft=lora: every optimizer moves the adapters and leaves the frozen base
+    as it was (or is refused in one line, as on the full model)."""
+    model, batch, init = tiny_lora
+    model.load_state_dict(init)
+    entry = optimizers.find_entry(name)
+    if entry.refuse:
+        return   # refused by name: test_every_registry_optimizer_trains_or_is_refused checks the message
+    try:
+        optimizer = optimizers.build_optimizer(model, name, optimizers.signature_defaults(entry.target), 1e-3,
+                                               torch.device("cpu"), run_values={"max_steps": 10})
+    except ConfigError as e:
+        assert "\n" not in str(e) and name in str(e)
+        return
+    assert train_a_little(model, optimizer, batch) is not None, f"{name} did not change any adapter in 12 steps"
+    after = model.state_dict()
+    for key, value in init.items():
+        assert ("lora_" in key) or torch.equal(after[key], value), f"{name} changed the frozen {key}"
