@@ -246,3 +246,110 @@ def test_loss_family_matches_basic(tmp_path, loss, basic_extra):
         for key in ("loss/train", "rewards_train/chosen", "rewards_train/rejected", "kl/train"):
             if key in b:
                 assert f[key] == pytest.approx(b[key], abs=1e-5, rel=0), (f["step"], key)
+
+
+# peft=lora under trainer=fsdp: the adapters sit in the sharded decoder blocks
+# next to the frozen base weights; the reference is the same sharded model
+# with its adapters disabled. lr=1e-2 so that 4 steps move the adapters (LoRA's
+# B starts at zero) well beyond the tolerances below.
+LORA_RUN = [*RUN, "peft=lora", "peft.r=4", "peft.alpha=8", "lr=1e-2", "max_steps=4", "save_every=2"]
+# What each rank holds 1/2 of (the rest, step counters and Adam-mini's
+# per-block second moments, is the same on every rank).
+SHARDED_STATE = {"AdamW": ("exp_avg", "exp_avg_sq"), "adam_mini": ("exp_avg",)}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """{optimizer: (fsdp run dir, basic run dir)}, each launched once: 4 steps,
+    checkpoints at steps 2 and 4."""
+    runs = {}
+
+    def get(optimizer):
+        if optimizer not in runs:
+            root = tmp_path_factory.mktemp(f"fsdp_lora_{optimizer}")
+            torchrun("trainer=fsdp", *LORA_RUN, f"optimizer={optimizer}", f"run_dir={root / 'fsdp'}")
+            basic_run(root / "basic", *LORA_RUN, f"optimizer={optimizer}")
+            runs[optimizer] = (root / "fsdp", root / "basic")
+        return runs[optimizer]
+
+    return get
+
+
+@pytest.mark.parametrize("optimizer", SHARDED_STATE)
+def test_lora_matches_basic_and_shards_the_adapters(lora_runs, optimizer):
+    fsdp_dir, basic_dir = lora_runs(optimizer)
+    fsdp_rows, basic_rows = read_metrics(fsdp_dir), read_metrics(basic_dir)
+    assert_same_metrics(fsdp_rows, basic_rows)   # every step's train losses and rewards, and every eval
+    train = [r for r in fsdp_rows if "loss/train" in r]
+    basic_train = [r for r in basic_rows if "loss/train" in r]
+    assert len(train) == 4
+    assert abs(basic_train[-1]["rewards_train/margins"]) > 100 * 1e-5, "the adapters did not train"
+    for f, b in zip(train, basic_train):
+        trainable = b["memory/params_trainable_bytes"]
+        assert 0 < trainable < b["memory/params_bytes"] / 10 and b["memory/reference_params_bytes"] == 0
+        assert f["memory/params_trainable_bytes"] == f["memory/grads_bytes"] == trainable
+        assert f["memory/params_trainable_bytes_per_rank"] == f["memory/grads_bytes_per_rank"] == trainable // 2
+        assert f["memory/reference_params_bytes"] == 0
+        sharded = sum(b[f"memory/optimizer_state/{k}_bytes"] for k in SHARDED_STATE[optimizer])
+        # each rank: half of the adapters' moments, plus what every rank keeps whole
+        assert f["memory/optimizer_state_bytes_per_rank"] == sharded // 2 + b["memory/optimizer_state_bytes"] - sharded
+        assert f["memory/optimizer_state_bytes_per_rank"] < 0.6 * b["memory/optimizer_state_bytes"]
+
+
+def test_lora_checkpoint_holds_the_basic_runs_adapters(lora_runs, tmp_path):
+    """PEFT's files, gathered by rank 0: the same adapters as trainer=basic's
+    after the same steps (1e-6); the basic trainer loads them and evaluates
+    as the FSDP run did."""
+    from safetensors.torch import load_file
+
+    from prefopt import adapters
+
+    fsdp_dir, basic_dir = lora_runs("AdamW")
+    ckpt = fsdp_dir / "checkpoints" / "step-4"
+    assert not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4
+    ours, theirs = (load_file(d / "checkpoints" / "step-4" / adapters.ADAPTER_WEIGHTS) for d in (fsdp_dir, basic_dir))
+    assert sorted(ours) == sorted(theirs) and any("lora_B" in k for k in ours)
+    assert max(theirs[k].abs().max().item() for k in theirs if "lora_B" in k) > 1e-3   # B started at zero
+    for k in theirs:
+        diff = (ours[k] - theirs[k]).abs().max().item()
+        assert ours[k].shape == theirs[k].shape and diff <= 1e-6, (k, diff)   # measured: 2e-7
+    trainer = make_trainer(tmp_path, *LORA_RUN, "optimizer=AdamW")
+    adapters.load_adapter_weights(trainer.policy, ckpt)
+    metrics = trainer.evaluate()
+    trainer.cleanup()
+    final = [r for r in read_metrics(fsdp_dir) if "loss/eval" in r][-1]
+    for key in ("logps_eval/chosen", "logps_eval/rejected", "rewards_eval/margins"):
+        assert metrics[key] == pytest.approx(final[key], rel=1e-6, abs=1e-6), key
+
+
+def test_lora_resume_continues_identically(lora_runs, tmp_path):
+    """Resume the FSDP LoRA run from its step-2 checkpoint (adapters and
+    optimizer from dcp/), started without torchrun: the metrics and the final
+    adapters equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    fsdp_dir, _ = lora_runs("AdamW")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    (resumed / "checkpoints" / "LATEST").write_text("step-2\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.nproc=2", *LORA_RUN,
+                        "optimizer=AdamW", f"run_dir={resumed}", "resume=true"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "step-2 at step 2 (2 ranks)" in r.stderr
+
+    def comparable(rows):
+        return [{k: v for k, v in row.items() if k not in NOT_REPRODUCIBLE} for row in rows]
+
+    assert comparable(read_metrics(resumed)) == comparable(read_metrics(fsdp_dir))
+    ours, theirs = (load_file(d / "checkpoints" / "step-4" / "adapter_model.safetensors") for d in (resumed, fsdp_dir))
+    assert all(ours[k].equal(theirs[k]) for k in theirs)
+
+
+def test_lora_merged_export_is_refused_under_fsdp_in_one_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        make_trainer(tmp_path, "trainer=fsdp", "peft=lora", "export.merged=true")
+    assert "\n" not in str(e.value) and "export.merged=true is not available under trainer=fsdp" in str(e.value)

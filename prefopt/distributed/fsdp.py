@@ -14,6 +14,14 @@ gets gradients. Precision: master weights and optimizer state in `precision`
 (fp32 by default); on GPU the forward/backward runs in bf16 by default
 (`trainer.mixed_precision`) with fp32 gradient reduction.
 
+Adapters (peft=lora/dora): the PEFT wrapper's transformers model is sharded
+the same way, its decoder blocks holding the trainable adapters next to the
+frozen base weights (one FSDP unit, mixed requires_grad). Gradients, global
+norms and optimizer state cover the adapters' shards only; the reference is
+the same sharded model with its adapters disabled (no copy); dcp/ holds the
+adapters' and the optimizer's shards, and the export PEFT's files
+(adapter_model.safetensors + adapter_config.json, gathered to rank 0).
+
 Optimizers: torch.optim classes run on the sharded DTensor parameters as they
 are. A block-structured registry optimizer (one that exposes `block_stats`,
 i.e. Adam-mini) runs on the local shards through `LocalShardOptimizer`, with
@@ -43,7 +51,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from prefopt import checkpoints
+from prefopt import adapters, checkpoints
 from prefopt import optim as optimizers
 from prefopt.config_checks import micro_batch_size
 from prefopt.distributed.launch import relaunch, requested_nproc
@@ -124,6 +132,10 @@ class FSDPTrainer(BasicTrainer):
                 raise ConfigError(f"optimizer.fused=true: torch's DTensor has no fused {name} kernel (only "
                                   f"{' and '.join(FUSED_ON_DTENSOR)}); drop optimizer.fused under trainer=fsdp")
             cfg.optimizer.fused = False
+        if adapters.enabled(cfg) and (cfg.get("export") or {}).get("merged"):
+            raise ConfigError("export.merged=true is not available under trainer=fsdp yet (the merge needs the whole "
+                              "base model on one rank); use trainer=basic for it, or merge a checkpoint's adapter "
+                              "files with peft (PeftModel.from_pretrained(base, <checkpoint>).merge_and_unload())")
 
     def _check_batch_split(self, world: int) -> None:
         cfg = self.cfg
@@ -146,13 +158,27 @@ class FSDPTrainer(BasicTrainer):
 
     # ------------------------------------------------------------- models
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Shard the policy (called once, by the base setup, for the policy)."""
+        """Shard the policy (called once, by the base setup, for the policy).
+        With adapters (peft=lora/dora) the FSDP root is the transformers model
+        inside the PEFT wrapper: its decoder blocks hold the adapters next to
+        the frozen base weights (one FSDP unit each, mixed requires_grad), and
+        its generate() and forward gather the root's parameters as without
+        adapters. The PEFT model is returned (the policy), sharded in place."""
         self._check_even_eval()
-        self._placements = self._block_placements(model)
-        return shard_model(model, self.mesh, placements=self._placements,
-                           reshard_after_forward=bool(self.cfg.trainer.reshard_after_forward),
-                           param_dtype=self.compute_dtype,
-                           activation_checkpointing=bool(self.cfg.trainer.activation_checkpointing))
+        placements = self._block_placements(model)   # by the policy's parameter names
+        root = adapters.base_model(model)
+        names = {id(p): n for n, p in root.named_parameters()}
+        self._placements = {names[id(p)]: placements[n] for n, p in model.named_parameters() if n in placements}
+        shard_model(root, self.mesh, placements=self._placements,
+                    reshard_after_forward=bool(self.cfg.trainer.reshard_after_forward),
+                    param_dtype=self.compute_dtype,
+                    activation_checkpointing=bool(self.cfg.trainer.activation_checkpointing))
+        return model
+
+    @staticmethod
+    def _root(model: torch.nn.Module) -> torch.nn.Module:
+        """The module `fully_shard` was applied to last (the FSDP root)."""
+        return adapters.base_model(model)
 
     def _unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # fully_shard keeps the model object (and its class's methods, e.g. generate)
@@ -247,7 +273,7 @@ class FSDPTrainer(BasicTrainer):
         the log-prob function applies the LM head itself (only at scored
         positions), so it never calls model.forward, whose hooks would gather
         the root's parameters (embeddings, final norm, lm_head)."""
-        return model.fsdp_forward(lambda: BasicTrainer.forward_logps(self, model, batch, with_wpo))
+        return self._root(model).fsdp_forward(lambda: BasicTrainer.forward_logps(self, model, batch, with_wpo))
 
     # ------------------------------------------------------ metrics, grads
     def stop_requested(self, stop) -> bool:
@@ -278,12 +304,13 @@ class FSDPTrainer(BasicTrainer):
     def gradient_sync(self, last_micro_batch: bool):
         """Non-final micro-batches accumulate unsharded gradients locally; the
         last one reduce-scatters the sum."""
-        self.policy.set_requires_gradient_sync(last_micro_batch)
+        self._root(self.policy).set_requires_gradient_sync(last_micro_batch)
         return contextlib.nullcontext()
 
     def clip_grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the sharded gradients (one all_reduce of the local
-        sum of squares), then the same clipping as torch.nn.utils.clip_grad_norm_."""
+        sum of squares), then the same clipping as torch.nn.utils.clip_grad_norm_.
+        Frozen parameters (the base under adapters) have no gradient."""
         grads = [local(p.grad) for p in self.policy.parameters() if p.grad is not None]
         total = self.global_norm(grads)
         if self.cfg.max_grad_norm and grads:
@@ -309,7 +336,7 @@ class FSDPTrainer(BasicTrainer):
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         total, largest = dict(zip(keys, total.tolist())), dict(zip(keys, largest.tolist()))
         metrics = {}
-        for k in ("params", "grads", "optimizer_state", "peak"):
+        for k in ("params", "params_trainable", "grads", "optimizer_state", "reference_params", "peak"):
             metrics[f"memory/{k}_bytes"] = total[k]
             metrics[f"memory/{k}_bytes_per_rank"] = largest[k]
         metrics.update({f"memory/{k}_bytes": total[k] for k in keys if k.startswith("optimizer_state/")})
@@ -318,15 +345,19 @@ class FSDPTrainer(BasicTrainer):
     # --------------------------------------------------------- checkpoints
     def save_model(self, directory: Path) -> None:
         """The consolidated Hugging Face export: every rank takes part in the
-        gather, rank 0 (the only one holding the full tensors) writes."""
+        gather, rank 0 (the only one holding the full tensors) writes. With
+        adapters only they are gathered (ignore_frozen_params) and written in
+        PEFT's format (adapter_model.safetensors + adapter_config.json), as
+        trainer=basic writes them."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(self.policy, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.adapters))
         if self.is_main:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-            self.policy.save_pretrained(directory, state_dict=full)
+            self.policy.save_pretrained(directory, state_dict=full, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
 
     def training_state(self) -> dict:
@@ -364,7 +395,11 @@ class FSDPTrainer(BasicTrainer):
     def load_weights_and_state(self, ckpt: Path) -> None:
         """The sharded model and optimizer through DCP (without unrestricted
         unpickling), then this rank's training state."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         from prefopt.distributed import safe_dcp
 
@@ -375,7 +410,15 @@ class FSDPTrainer(BasicTrainer):
         safe_dcp.load(state, ckpt / DCP_DIR)
         # optimizer first: torch may initialise an empty optimizer state with a zero-lr step
         set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
-        set_model_state_dict(self.policy, state["model"])
+        if self.adapters:   # the adapters alone: the frozen base was built again from model.*, as by trainer=basic
+            loaded = set_model_state_dict(self.policy, state["model"], options=StateDictOptions(strict=False))
+            frozen = {n for n, p in self.policy.named_parameters() if not p.requires_grad}
+            if loaded.unexpected_keys or set(loaded.missing_keys) - frozen:
+                raise ConfigError(f"{ckpt} holds other adapters than the configured model has (missing "
+                                  f"{sorted(set(loaded.missing_keys) - frozen)[:3]}, unexpected "
+                                  f"{list(loaded.unexpected_keys)[:3]}); resume with the run's own peft.* settings")
+        else:
+            set_model_state_dict(self.policy, state["model"])
         if self.syncs_reference:
             set_model_state_dict(self.reference, state["reference"])
         mine = ckpt / RANK_STATE.format(self.rank)
@@ -384,10 +427,18 @@ class FSDPTrainer(BasicTrainer):
         dist.barrier()
 
     def _sharded_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        """What DCP saves and loads: the policy's shards (with adapters: the
+        adapters' shards only, the base never changes), the optimizer's, and
+        TR-DPO's moving reference."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         reference = {"reference": get_model_state_dict(self.reference)} if self.syncs_reference else {}
-        return {"model": get_model_state_dict(self.policy),
+        model = get_model_state_dict(self.policy, options=StateDictOptions(ignore_frozen_params=self.adapters))
+        return {"model": model,
                 "optimizer": get_optimizer_state_dict(self.policy, self.optimizer), **reference}
 
     # ------------------------------------------------------------ cleanup
