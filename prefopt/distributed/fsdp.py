@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from prefopt import adapters, checkpoints
+from prefopt import adapters, checkpoints, reference_cache
 from prefopt import optim as optimizers
 from prefopt.config_checks import micro_batch_size
 from prefopt.distributed.launch import relaunch, requested_nproc
@@ -274,6 +274,23 @@ class FSDPTrainer(BasicTrainer):
         positions), so it never calls model.forward, whose hooks would gather
         the root's parameters (embeddings, final norm, lm_head)."""
         return self._root(model).fsdp_forward(lambda: BasicTrainer.forward_logps(self, model, batch, with_wpo))
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True on every rank when `flag` holds on every rank (one all_reduce):
+        a reference-cache hit must be unanimous, or the ranks that missed would
+        wait forever in a reference forward the others skip."""
+        value = torch.tensor(1 if flag else 0, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def weights_digest(self, model: torch.nn.Module) -> str:
+        """The digest of every rank's shards, in rank order: the same key on
+        all ranks (it depends on the sharding, as the log-probs' last bits do)."""
+        state = model.state_dict()
+        mine = reference_cache.tensor_digest(local(state[k]) for k in sorted(state) if "lora_" not in k)
+        digests = [None] * self.world_size
+        dist.all_gather_object(digests, mine)
+        return ",".join(digests)
 
     # ------------------------------------------------------ metrics, grads
     def stop_requested(self, stop) -> bool:
