@@ -178,7 +178,7 @@ class BasicTrainer:
         """With loss.precompute_reference and reference_cache_dir: the reference
         log-probs of every pair from the cache (reference_cache.py), put on the
         examples. True on a hit: then no reference model is built at all."""
-        self._cache_entry = None
+        self._cache_entry, self.reference_cache_state = None, None   # None | "hit" | "miss" (for bench.py)
         cache_dir = self.cfg.get("reference_cache_dir")
         if not (self.loss.needs_reference and self.cfg.loss.get("precompute_reference", False) and cache_dir):
             return False
@@ -190,7 +190,8 @@ class BasicTrainer:
         logps, problem = reference_cache.read(self._cache_entry, len(examples))
         if problem:
             self.print(f"warning: reference cache entry {self._cache_entry} is damaged ({problem}); recomputing it")
-        if not self.all_ranks(logps is not None):
+        self.reference_cache_state = "hit" if self.all_ranks(logps is not None) else "miss"
+        if self.reference_cache_state == "miss":
             return False
         for ex, (chosen, rejected) in zip(examples, logps.tolist()):
             ex.reference_logps = (chosen, rejected)
