@@ -147,6 +147,7 @@ class BasicTrainer:
     def _setup_policy(self) -> torch.nn.Module:
         policy = build_model(self.cfg.model, self.tokenizer, self.dtype, self.device)
         if self.adapters:
+            self.base_sha256 = adapters.base_digest(policy)   # recorded in checkpoints (model.archive checks it)
             policy = adapters.add_adapters(policy, self.cfg.peft, self.device)
         return self._wrap(policy)
 
@@ -646,8 +647,9 @@ class BasicTrainer:
     def write_run_record(self, directory: Path) -> None:
         """What a person (and a resume's config check) reads in a checkpoint:
         where the run was, and the config it ran with."""
+        base = {"base_sha256": self.base_sha256} if self.adapters else {}
         atomic_write_text(directory / "prefopt_state.json", json.dumps(
-            {"step": self.step, "examples": self.examples, "world_size": self.world_size}))
+            {"step": self.step, "examples": self.examples, "world_size": self.world_size, **base}))
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         atomic_write_text(directory / checkpoints.CONFIG_FILE, OmegaConf.to_yaml(resolved))
 

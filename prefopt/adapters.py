@@ -9,7 +9,10 @@ What changes for a run:
   - checkpoints hold the adapters in PEFT's own format
     (`adapter_model.safetensors` + `adapter_config.json`), and with
     `export.merged=true` the last one also holds `merged/`, the base with the
-    adapters folded in, which `transformers` loads alone.
+    adapters folded in, which `transformers` loads alone;
+  - `model.archive=<an adapter checkpoint>` starts from that checkpoint's
+    model: its adapters on the base model.* builds (checked by digest),
+    folded in (`merged_archive`).
 QLoRA (`peft.quantize=4bit`) needs bitsandbytes' 4-bit kernels on a CUDA GPU;
 elsewhere it is refused with one line.
 """
@@ -82,6 +85,39 @@ def load_adapter_weights(model: torch.nn.Module, ckpt: Path) -> None:
     if unexpected:
         raise ConfigError(f"checkpoint {ckpt} holds adapters that the configured model does not have "
                           f"({unexpected[:3]}); resume with the run's own peft.* settings")
+
+
+def base_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the base weights (adapters excluded): written into each
+    adapter checkpoint, checked when one is loaded as model.archive."""
+    from prefopt.reference_cache import tensor_digest
+
+    state = base_model(model).state_dict()
+    names = sorted(k for k in state if "lora_" not in k)
+    # PEFT renames an adapted layer's weight to <layer>.base_layer.weight: the same tensor
+    return tensor_digest(state[k] for k in names)
+
+
+def merged_archive(base: torch.nn.Module, ckpt: Path, archive: str) -> torch.nn.Module:
+    """model.archive=<an adapter checkpoint>: its adapters loaded on `base`
+    (built from model.*) and folded into the weights, so that the run starts
+    from exactly the model that checkpoint was (and, with peft=lora, trains
+    fresh adapters on top; its reference is this merged model). The base must
+    be the one the adapters were trained on: checked by its digest."""
+    import json
+
+    from peft import PeftModel
+
+    recorded = json.loads((ckpt / "prefopt_state.json").read_text()).get("base_sha256") \
+        if (ckpt / "prefopt_state.json").is_file() else None
+    if recorded is None:
+        raise ConfigError(f"model.archive={archive} holds adapters but no record of their base weights "
+                          "(prefopt_state.json base_sha256); start from its merged/ export instead")
+    if base_digest(base) != recorded:
+        raise ConfigError(f"model.archive={archive} holds adapters trained on other base weights than model.* builds "
+                          "here (a different model, seed or model setting); use the run's own model and seed, or "
+                          "its merged/ export")
+    return PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
 
 
 def save_merged(model: torch.nn.Module, tokenizer, directory: Path) -> None:

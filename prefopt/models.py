@@ -43,9 +43,8 @@ def resolve_archive(archive: str) -> Path:
     latest = latest_name(path)
     if latest:
         path = checkpoint_root(path) / latest
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        raise ConfigError(f"model.archive={archive} holds PEFT adapters, not a whole model; start from its merged/ "
-                          "export (a run with export.merged=true writes it), or resume its run")
+    if (path / "adapter_config.json").is_file():   # a peft=lora/dora checkpoint: see build_model
+        return path
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model.archive={archive} is not a Hugging Face checkpoint (no config.json); "
@@ -120,6 +119,11 @@ def build_model(model_cfg, tokenizer, dtype: torch.dtype = torch.float32, device
 
     if model_cfg.get("archive"):
         path = resolve_archive(model_cfg.archive)
+        if (path / "adapter_config.json").is_file():   # adapters: on the base that model.* builds, folded in
+            from prefopt import adapters
+
+            base_cfg = OmegaConf.merge(model_cfg, {"archive": None})
+            return adapters.merged_archive(build_model(base_cfg, tokenizer, dtype, device), path, model_cfg.archive)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, local_files_only=True,

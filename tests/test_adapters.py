@@ -105,11 +105,36 @@ def test_bad_adapter_settings_are_one_line_errors(micro_trainer, overrides, mess
     assert "\n" not in str(e.value)
 
 
-def test_adapter_checkpoint_is_not_a_model_archive(micro_trainer, tmp_path):
-    t = micro_trainer(*LORA, "max_steps=1")
-    t.train()
-    with pytest.raises(ConfigError, match="holds PEFT adapters, not a whole model"):
-        micro_trainer(f"model.archive={t.run_dir}", f"run_dir={tmp_path / 'next'}")
+def test_an_adapter_checkpoint_is_a_model_archive(tmp_path):
+    """model.archive=<a LoRA run>: the next run starts from that run's adapted
+    model (adapters folded into the base it was trained on, 1e-5), trains
+    fresh adapters on it, and uses it as the reference. Another base (here:
+    another seed) is refused in one line."""
+    from conftest import make_trainer
+
+    sft = make_trainer(tmp_path / "sft", "peft=lora", "peft.r=4", "loss=sft", "optimizer=SGD", "lr=0.5",
+                       "max_steps=2")
+    sft.train()
+    sft.policy.eval()
+    dpo = make_trainer(tmp_path / "dpo", *LORA, f"model.archive={tmp_path / 'sft'}")
+    examples = dpo.eval_examples[:4]
+    with torch.no_grad():
+        batch = {k: v.to(dpo.device) for k, v in dpo.collate(examples).items()}
+        start = dpo.forward_logps(dpo.policy, batch).sums      # fresh adapters: B = 0
+        reference = dpo.reference_logps(batch)
+        sft_batch = {k: v.to(sft.device) for k, v in collate_like(sft, examples).items()}
+        trained = sft.forward_logps(sft.policy, sft_batch).sums
+    torch.testing.assert_close(start[:4], trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reference, start, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="trained on other base weights"):
+        make_trainer(tmp_path / "other", *LORA, f"model.archive={tmp_path / 'sft'}", "seed=1")
+
+
+def collate_like(trainer, examples):
+    """The chosen responses of `examples` as an SFT batch of `trainer`."""
+    from preference_datasets import collate
+
+    return collate(examples, trainer.tokenizer.pad_token_id, with_rejected=False)
 
 
 def test_planner_counts_llama2_7b_adapters():
