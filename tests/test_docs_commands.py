@@ -38,6 +38,9 @@ NOT_RUN = {
         "installs TRL from PyPI: needs the network",
     "python benchmarks/bench.py --vs-trl loss.precompute_reference=true [compile=true --warmup 5]":
         "the [...] marks optional arguments",
+    "python benchmarks/bench.py --vs-trl compile=true --warmup 5":
+        "torch.compile of both trainers' models (inductor builds C++ for minutes on 2 cores); the --vs-trl path "
+        "itself runs in the command before it",
     "torchrun --nproc_per_node=8 train.py trainer=fsdp ...":
         "8 GPUs, and `...` stands for more overrides; the CPU form (trainer.nproc=2) is the next command",
     "python train.py trainer=fsdp model=tinyllama-1b":
