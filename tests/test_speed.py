@@ -9,7 +9,7 @@ import torch
 from conftest import MICRO_MODEL
 
 from preference_datasets import collate
-from prefopt.losses import gathered_logps, sequence_logps
+from prefopt.losses import gathered_logps, sequence_logps, sequence_stats
 
 
 def test_head_only_at_scored_positions_equals_full_logits(micro_trainer):
@@ -18,8 +18,9 @@ def test_head_only_at_scored_positions_equals_full_logits(micro_trainer):
     model = t.policy
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     full = sequence_logps(model.lm_head(hidden), batch["labels"])
-    keys = ("score_rows", "score_targets", "score_seq", "n_scored")
-    fast = gathered_logps(hidden, model.lm_head, *(batch[k] for k in keys))
+    tokens, _ = gathered_logps(hidden, model.lm_head, batch["score_rows"], batch["score_targets"])
+    stats = sequence_stats(tokens, batch["score_seq"], batch["n_scored"])
+    fast = (stats.sums, stats.tokens)
     assert torch.allclose(fast[0], full[0], atol=1e-5) and torch.equal(fast[1], full[1])
     # and the gradients agree
     g_full = torch.autograd.grad(full[0].sum(), model.lm_head.weight, retain_graph=True)[0]
