@@ -163,6 +163,10 @@ class Pairs:
     def rejected(self) -> torch.Tensor:
         return self.policy_rejected - self.reference_rejected
 
+    def per_token(self, chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chosen and a rejected per-response quantity divided by its response's length."""
+        return chosen / self.chosen_tokens.clamp(min=1), rejected / self.rejected_tokens.clamp(min=1)
+
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -219,7 +223,7 @@ def _smoothed_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
 def dpo(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
     """-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
     eps = label_smoothing > 0 is conservative DPO (cDPO). Rafailov et al., 2023, arXiv:2305.18290."""
-    return -(1 - label_smoothing) * F.logsigmoid(beta * p.margin) - label_smoothing * F.logsigmoid(-beta * p.margin)
+    return _smoothed_sigmoid(beta * p.margin, label_smoothing)
 
 
 def hinge(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
@@ -235,8 +239,8 @@ def ipo(p: Pairs, *, beta: float = 0.1, token_average: bool = True) -> torch.Ten
     reports (TRL's loss_type=ipo, confirmed by the authors per TRL); the summed form is the DPO reference repo's."""
     if not token_average:
         return (p.margin - 1 / (2 * beta)) ** 2
-    delta = p.chosen_scores / p.chosen_tokens.clamp(min=1) - p.rejected_scores / p.rejected_tokens.clamp(min=1)
-    return (delta - 1 / (2 * beta)) ** 2
+    chosen, rejected = p.per_token(p.chosen_scores, p.rejected_scores)
+    return (chosen - rejected - 1 / (2 * beta)) ** 2
 
 
 def exo_pair(p: Pairs, *, beta: float = 0.1, label_smoothing: float = 1e-3) -> torch.Tensor:
@@ -314,8 +318,8 @@ def discopop(p: Pairs, *, beta: float = 0.1, discopop_tau: float = 0.05) -> torc
 def sigmoid_norm(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
     """-log sigmoid(beta (s_w/|y_w| - s_l/|y_l|))
     DPO on per-token average log-ratios (TRL's sigmoid_norm)."""
-    delta = p.chosen_scores / p.chosen_tokens.clamp(min=1) - p.rejected_scores / p.rejected_tokens.clamp(min=1)
-    return -F.logsigmoid(beta * delta)
+    chosen, rejected = p.per_token(p.chosen_scores, p.rejected_scores)
+    return -F.logsigmoid(beta * (chosen - rejected))
 
 
 def sft(p: Pairs) -> torch.Tensor:
@@ -328,8 +332,8 @@ def simpo(p: Pairs, *, beta: float = 2.0, simpo_gamma: float = 1.0, label_smooth
     """-log sigmoid(beta log pi(w)/|y_w| - beta log pi(l)/|y_l| - gamma)
     No reference model. SimPO, Meng et al., 2024, arXiv:2405.14734 (Eq. 6; the paper's beta 2.0-2.5,
     gamma/beta 0.3-0.8)."""
-    delta = p.policy_chosen / p.chosen_tokens.clamp(min=1) - p.policy_rejected / p.rejected_tokens.clamp(min=1)
-    return _smoothed_sigmoid(beta * delta - simpo_gamma, label_smoothing)
+    chosen, rejected = p.per_token(p.policy_chosen, p.policy_rejected)
+    return _smoothed_sigmoid(beta * (chosen - rejected) - simpo_gamma, label_smoothing)
 
 
 def cpo(p: Pairs, *, beta: float = 0.1, cpo_alpha: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -342,8 +346,7 @@ def orpo(p: Pairs, *, beta: float = 0.1) -> torch.Tensor:
     """NLL - beta log sigmoid(log odds(w) - log odds(l)), odds = P/(1-P), log P = log pi(y|x)/|y|
     No reference model; beta is the paper's lambda. ORPO, Hong et al., 2024, arXiv:2403.07691
     (Eqs. 4-7)."""
-    avg_w = p.policy_chosen / p.chosen_tokens.clamp(min=1)
-    avg_l = p.policy_rejected / p.rejected_tokens.clamp(min=1)
+    avg_w, avg_l = p.per_token(p.policy_chosen, p.policy_rejected)
     log_odds = (avg_w - avg_l) - (_log1mexp(avg_w) - _log1mexp(avg_l))
     return p.nll - beta * F.logsigmoid(log_odds)
 
@@ -410,12 +413,16 @@ class LossEntry:
     sorts_batch: bool = False      # compares sorted batches, so per-pair weights (WPO) cannot apply
 
     @property
+    def own_keys(self) -> dict:
+        """The function's keyword-only parameters and their defaults."""
+        return {p.name: p.default for p in inspect.signature(self.fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+
+    @property
     def keys(self) -> dict:
-        """Config keys and defaults: the function's keyword-only parameters and the modifiers of its kind."""
-        own = {p.name: p.default for p in inspect.signature(self.fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+        """Config keys and defaults: the function's own and the modifiers of its kind."""
         pair = PAIR_KEYS if self.data == "pairs" else {}
         reference = REFERENCE_KEYS if self.needs_reference and self.data == "pairs" else {}
-        return {**own, **pair, **reference}
+        return {**self.own_keys, **pair, **reference}
 
     @property
     def formula(self) -> str:
@@ -465,10 +472,10 @@ SUM_TERMS = [name for name, e in LOSSES.items() if e.data == "pairs" or name == 
 def sum_keys() -> dict:
     """The keys of a loss=sum node: `terms`, `weights` and every pair loss's
     keys (a key several terms share, such as beta, is one value for all)."""
-    keys = {}
+    keys = dict(LOSSES["dpo"].keys)   # dpo's default wins for a shared key
     for name in SUM_TERMS:
         for key, default in LOSSES[name].keys.items():
-            keys.setdefault(key, LOSSES["dpo"].keys.get(key, default))
+            keys.setdefault(key, default)
     return keys
 
 
@@ -622,9 +629,7 @@ def _build_sum(name: str, loss_cfg) -> LossSpec:
 def _finish(name: str, named_weights: list, loss_cfg) -> LossSpec:
     terms = []
     for term_name, weight in named_weights:
-        entry = LOSSES[term_name]
-        own = {p.name: p.default for p in inspect.signature(entry.fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
-        params = {k: _checked(k, loss_cfg.get(k, d), d) for k, d in own.items()}
+        params = {k: _checked(k, loss_cfg.get(k, d), d) for k, d in LOSSES[term_name].own_keys.items()}
         terms.append(Term(term_name, weight, params))
     modifiers = {**PAIR_KEYS, **REFERENCE_KEYS}
     options = {k: _checked(k, loss_cfg.get(k, d), d) for k, d in modifiers.items() if k in loss_cfg}
