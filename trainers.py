@@ -201,10 +201,9 @@ class BasicTrainer:
         return True
 
     def weights_digest(self, model: torch.nn.Module) -> str:
-        """SHA-256 of the starting weights the reference is made of (adapters
-        excluded: with peft the reference is the base)."""
-        state = self._unwrapped(model).state_dict()
-        return reference_cache.tensor_digest(state[k] for k in sorted(state) if "lora_" not in k)
+        """SHA-256 of the starting weights the reference is made of (with peft:
+        the base, hashed once before the adapters were added)."""
+        return self.base_sha256 if self.adapters else adapters.base_digest(self._unwrapped(model))
 
     def _share_prompt(self) -> bool:
         """share_prompt=true (the default) puts each pair in one row, the prompt
@@ -546,10 +545,10 @@ class BasicTrainer:
         for i in range(0, len(self.eval_examples), size):
             mine = self.eval_examples[i:i + size][self.rank::self.world_size]
             _, metrics = self.batch_metrics(self.collate(mine), "eval")
-            for k, v in metrics.items():
-                if not torch.isnan(v):   # NaN: nothing to average in this batch (KTO without desirable rows)
-                    sums[k] += v * len(mine)
-                    counts[k] += len(mine)
+            for k, v in metrics.items():   # NaN: nothing to average in this batch (KTO without desirable rows)
+                present = ~v.isnan()        # kept on the device: no host sync per metric
+                sums[k] += torch.where(present, v, 0.0) * len(mine)
+                counts[k] += present * len(mine)
         metrics = {k: v / counts[k] for k, v in sums.items()}
         if self.cfg.dataset.get("verifiable") and self.cfg.n_eval_generations:
             metrics["generate_eval/accuracy"] = self.generation_accuracy()

@@ -87,15 +87,20 @@ def load_adapter_weights(model: torch.nn.Module, ckpt: Path) -> None:
                           f"({unexpected[:3]}); resume with the run's own peft.* settings")
 
 
+def base_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The base model's weights, by name, adapters excluded (the whole model
+    when it has none)."""
+    state = base_model(model).state_dict()
+    return [state[k] for k in sorted(state) if "lora_" not in k]
+
+
 def base_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the base weights (adapters excluded): written into each
-    adapter checkpoint, checked when one is loaded as model.archive."""
+    """SHA-256 of the base weights: written into each adapter checkpoint,
+    checked when one is loaded as model.archive, and (reference_cache) part of
+    the reference cache key."""
     from prefopt.reference_cache import tensor_digest
 
-    state = base_model(model).state_dict()
-    names = sorted(k for k in state if "lora_" not in k)
-    # PEFT renames an adapted layer's weight to <layer>.base_layer.weight: the same tensor
-    return tensor_digest(state[k] for k in names)
+    return tensor_digest(base_tensors(model))
 
 
 def merged_archive(base: torch.nn.Module, ckpt: Path, archive: str) -> torch.nn.Module:

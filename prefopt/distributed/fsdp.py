@@ -286,8 +286,7 @@ class FSDPTrainer(BasicTrainer):
     def weights_digest(self, model: torch.nn.Module) -> str:
         """The digest of every rank's shards, in rank order: the same key on
         all ranks (it depends on the sharding, as the log-probs' last bits do)."""
-        state = model.state_dict()
-        mine = reference_cache.tensor_digest(local(state[k]) for k in sorted(state) if "lora_" not in k)
+        mine = reference_cache.tensor_digest(local(t) for t in adapters.base_tensors(model))
         digests = [None] * self.world_size
         dist.all_gather_object(digests, mine)
         return ",".join(digests)
