@@ -232,23 +232,25 @@ def summarize(run: Path, target_loss: float) -> dict:
         "steps_to_target": reached[0] if reached else None,
         "sparsity_bf16": _last(logs, "update/sparsity"),
         "sparsity_exact": _last(logs, "update/sparsity_exact"),
-        "_curves": {
-            "eval_step": [r["step"] for r in evals],
-            "eval_loss": [r["loss/eval"] for r in evals],
-            "margin_step": [r["step"] for r in evals if "rewards_eval/margins" in r],
-            "margin": [r["rewards_eval/margins"] for r in evals if "rewards_eval/margins" in r],
-            "reward_acc_step": [r["step"] for r in evals if "rewards_eval/accuracies" in r],
-            "reward_acc": [r["rewards_eval/accuracies"] for r in evals if "rewards_eval/accuracies" in r],
-            "chosen_step": [r["step"] for r in evals if "logps_eval/chosen" in r],
-            "chosen": [r["logps_eval/chosen"] for r in evals if "logps_eval/chosen" in r],
-            "greedy_step": [r["step"] for r in evals if "generate_eval/accuracy" in r],
-            "greedy": [r["generate_eval/accuracy"] for r in evals if "generate_eval/accuracy" in r],
-            "mem_step": [r["step"] for r in logs],
-            "state": [r["memory/optimizer_state_bytes"] for r in logs],
-            "peak_step": [r["step"] for r in logs if "memory/peak_bytes" in r],
-            "peak": [r["memory/peak_bytes"] for r in logs if "memory/peak_bytes" in r],
-        },
+        "_curves": _curves(evals, logs),
     }
+
+
+# name -> (metric, rows it is read from); a curve `name` and its steps `<name>_step`
+CURVES = {"eval_loss": ("loss/eval", "evals"), "margin": ("rewards_eval/margins", "evals"),
+          "reward_acc": ("rewards_eval/accuracies", "evals"), "chosen": ("logps_eval/chosen", "evals"),
+          "greedy": ("generate_eval/accuracy", "evals"), "state": ("memory/optimizer_state_bytes", "logs"),
+          "peak": ("memory/peak_bytes", "logs")}
+
+
+def _curves(evals: list[dict], logs: list[dict]) -> dict[str, list]:
+    """Each curve of CURVES over the rows that logged its metric, with its steps."""
+    rows = {"evals": evals, "logs": logs}
+    curves = {}
+    for name, (key, source) in CURVES.items():
+        kept = [r for r in rows[source] if key in r]
+        curves[f"{name}_step"], curves[name] = [r["step"] for r in kept], [r[key] for r in kept]
+    return curves
 
 
 # ----------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def _spread_out(peaks: list[float]) -> bool:
 
 # name -> (title, x curve, y curve); "loss" and "memory" are drawn by hand below.
 PANELS = {
-    "loss": ("eval loss (loss/eval)", "eval_step", "eval_loss"),
+    "loss": ("eval loss (loss/eval)", "eval_loss_step", "eval_loss"),
     "margin": ("eval reward margin (rewards_eval/margins)", "margin_step", "margin"),
     "memory": ("memory: optimizer state (solid), peak (dashed)", None, None),
     "reward_acc": ("eval reward accuracy (rewards_eval/accuracies)", "reward_acc_step", "reward_acc"),
@@ -367,7 +369,7 @@ def write_plot(summaries: list[dict], path: Path, target_loss: float,
         c, color, marker = s["_curves"], colors[i % len(colors)], markers[(i // len(colors)) % len(markers)]
         for name, ax in axes.items():
             if name == "memory":
-                ax.plot(c["mem_step"], [b / MIB for b in c["state"]], color=color)
+                ax.plot(c["state_step"], [b / MIB for b in c["state"]], color=color)
                 ax.plot(c["peak_step"], [b / MIB for b in c["peak"]], color=color, ls="--", alpha=0.7)
             else:
                 _, x, y = PANELS[name]
