@@ -84,16 +84,17 @@ def test_adam_mini_matches_basic_with_accumulation_and_checkpointing(tmp_path):
     assert_same_metrics(read_metrics(tmp_path / "fsdp"), basic_run(tmp_path / "basic", *args))
 
 
-def test_resume_with_two_ranks_continues_identically(adamw_run, tmp_path):
-    """Save with 2 ranks (step 2), resume with 2 ranks, started the way a user
-    without torchrun would: the metrics equal the uninterrupted run's."""
+def resume_from_step_2(run_dir, tmp_path, *overrides):
+    """A copy of a finished 4-step FSDP run cut back to its step-2 checkpoint,
+    resumed with 2 ranks the way a user without torchrun would; the resumed
+    run dir and the launch's stderr. Its metrics must equal the original's."""
     resumed = tmp_path / "resumed"
-    shutil.copytree(adamw_run, resumed)
+    shutil.copytree(run_dir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-4")
     (resumed / "checkpoints" / "LATEST").write_text("step-2\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.nproc=2", *RUN,
-                        "optimizer=AdamW", "max_steps=4", "save_every=2", f"run_dir={resumed}", "resume=true"],
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.nproc=2", *overrides,
+                        f"run_dir={resumed}", "resume=true"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stderr and "step-2 at step 2 (2 ranks)" in r.stderr
@@ -101,7 +102,14 @@ def test_resume_with_two_ranks_continues_identically(adamw_run, tmp_path):
     def comparable(rows):
         return [{k: v for k, v in row.items() if k not in NOT_REPRODUCIBLE} for row in rows]
 
-    assert comparable(read_metrics(resumed)) == comparable(read_metrics(adamw_run))
+    assert comparable(read_metrics(resumed)) == comparable(read_metrics(run_dir))
+    return resumed
+
+
+def test_resume_with_two_ranks_continues_identically(adamw_run, tmp_path):
+    """Save with 2 ranks (step 2), resume with 2 ranks: the metrics equal the
+    uninterrupted run's."""
+    resumed = resume_from_step_2(adamw_run, tmp_path, *RUN, "optimizer=AdamW", "max_steps=4", "save_every=2")
     assert sorted(p.name for p in (resumed / "checkpoints" / "step-4" / "dcp").iterdir()) == \
         [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
@@ -330,21 +338,7 @@ def test_lora_resume_continues_identically(lora_runs, tmp_path):
     from safetensors.torch import load_file
 
     fsdp_dir, _ = lora_runs("AdamW")
-    resumed = tmp_path / "resumed"
-    shutil.copytree(fsdp_dir, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-4")
-    (resumed / "checkpoints" / "LATEST").write_text("step-2\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.nproc=2", *LORA_RUN,
-                        "optimizer=AdamW", f"run_dir={resumed}", "resume=true"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "step-2 at step 2 (2 ranks)" in r.stderr
-
-    def comparable(rows):
-        return [{k: v for k, v in row.items() if k not in NOT_REPRODUCIBLE} for row in rows]
-
-    assert comparable(read_metrics(resumed)) == comparable(read_metrics(fsdp_dir))
+    resumed = resume_from_step_2(fsdp_dir, tmp_path, *LORA_RUN, "optimizer=AdamW")
     ours, theirs = (load_file(d / "checkpoints" / "step-4" / "adapter_model.safetensors") for d in (resumed, fsdp_dir))
     assert all(ours[k].equal(theirs[k]) for k in theirs)
 
