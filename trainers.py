@@ -68,6 +68,7 @@ class BasicTrainer:
         self.run_dir = Path(run_dir)
         self.step = 0          # optimizer steps taken
         self.examples = 0      # training pairs consumed
+        self.tokens = 0        # training tokens consumed (non-padding, all ranks), counted at each log step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -285,9 +286,17 @@ class BasicTrainer:
         """True when `flag` holds on every rank (one process: `flag`)."""
         return flag
 
-    def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Mean over ranks; identity on one process."""
-        return metrics
+    def sum_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each value summed over the ranks; identity on one process. Means
+        are made from sums and counts reduced this way (`mean_over_ranks`),
+        never as a mean of per-rank means, which is wrong whenever ranks
+        averaged different numbers of examples."""
+        return values
+
+    def mean_over_ranks(self, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """{name: sum over ranks of sums[name] / sum over ranks of counts[name]}."""
+        totals = self.sum_over_ranks({**sums, **{f"{k}\0count": counts[k] for k in sums}})
+        return {k: (totals[k] / totals[f"{k}\0count"]).item() for k in sums}
 
     def gradient_sync(self, last_micro_batch: bool):
         """Context for one micro-batch's backward; a distributed trainer skips
@@ -522,12 +531,19 @@ class BasicTrainer:
 
     def log_window(self, window: dict) -> dict:
         train_time = sum(window.pop("_seconds"))
-        tokens = torch.stack(window.pop("_tokens")).sum()
-        means = {k: torch.stack(v).float().nanmean() for k, v in window.items()}   # NaN: nothing to average
-        means["_tokens"] = tokens.float()
-        means = {k: v.item() for k, v in self.reduce_metrics(means).items()}
-        tokens = means.pop("_tokens") * self.world_size
-        metrics = {"step": self.step, "examples": self.examples, **means,
+        # Means over the window's micro-batches of every rank (all of one size:
+        # batch_size / (gradient_accumulation_steps * world)); a NaN (nothing
+        # to average in that micro-batch, e.g. KTO's desirable rewards) is left out.
+        sums, counts = {"_tokens": torch.stack(window.pop("_tokens")).sum().float()}, {}
+        for k, v in window.items():
+            v = torch.stack(v).float()
+            present = ~v.isnan()
+            sums[k], counts[k] = torch.where(present, v, 0.0).sum(), present.sum()
+        counts["_tokens"] = torch.ones((), dtype=torch.int64, device=sums["_tokens"].device)
+        means = self.mean_over_ranks(sums, counts)
+        tokens = means.pop("_tokens") * self.world_size   # each rank counted once: the sum over ranks
+        self.tokens += round(tokens)
+        metrics = {"step": self.step, "examples": self.examples, "tokens": self.tokens, **means,
                    "tokens_per_s": tokens / max(train_time, 1e-9), **self.memory_metrics()}
         if self.sparsity is not None:
             metrics.update(self.sparsity.measure())   # since the last log step, then restart the window
@@ -541,19 +557,18 @@ class BasicTrainer:
         self.policy.eval()
         self.optimizer_mode("eval")
         sums, counts = defaultdict(float), defaultdict(int)
-        size = self.cfg.eval_batch_size * self.world_size
-        for i in range(0, len(self.eval_examples), size):
-            mine = self.eval_examples[i:i + size][self.rank::self.world_size]
+        for mine, weight in self.eval_shards(self.eval_examples, self.cfg.eval_batch_size):
             _, metrics = self.batch_metrics(self.collate(mine), "eval")
             for k, v in metrics.items():   # NaN: nothing to average in this batch (KTO without desirable rows)
                 present = ~v.isnan()        # kept on the device: no host sync per metric
-                sums[k] += torch.where(present, v, 0.0) * len(mine)
-                counts[k] += present * len(mine)
-        metrics = {k: v / counts[k] for k, v in sums.items()}
+                sums[k] += torch.where(present, v, 0.0) * weight
+                counts[k] += present * weight
         if self.cfg.dataset.get("verifiable") and self.cfg.n_eval_generations:
-            metrics["generate_eval/accuracy"] = self.generation_accuracy()
-        metrics = {k: float(v) for k, v in self.reduce_metrics(
-            {k: torch.as_tensor(v, device=self.device) for k, v in metrics.items()}).items()}
+            correct, decoded = self.generation_accuracy()
+            sums["generate_eval/accuracy"] = torch.tensor(correct, dtype=torch.float64)
+            counts["generate_eval/accuracy"] = torch.tensor(decoded, dtype=torch.float64)
+        metrics = self.mean_over_ranks({k: torch.as_tensor(v, device=self.device) for k, v in sums.items()},
+                                       {k: torch.as_tensor(v, device=self.device) for k, v in counts.items()})
         if self.is_main:
             self.logger.log({"step": self.step, "examples": self.examples, **metrics})
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
@@ -562,12 +577,28 @@ class BasicTrainer:
             tqdm.write(f"eval @ step {self.step}: {shown}")
         return metrics
 
+    def eval_shards(self, examples: list, batch_size: int):
+        """This rank's share of each evaluation batch, with its weight (the
+        number of examples it really holds). Ranks take turns through every
+        global batch of batch_size x world examples; a rank left without an
+        example in the last one runs a copy of the batch's first example with
+        weight 0, because a sharded model's forward is a collective: every
+        rank must run the same number of them."""
+        size = batch_size * self.world_size
+        for i in range(0, len(examples), size):
+            chunk = examples[i:i + size]
+            mine = chunk[self.rank::self.world_size]
+            yield (mine, len(mine)) if mine else (chunk[:1], 0)
+
     @torch.no_grad()
-    def generation_accuracy(self) -> float:
+    def generation_accuracy(self) -> tuple[int, int]:
         """Greedy decoding on held-out prompts; exact match with the chosen
-        answer (the bundled task is verifiable: chosen is the right answer)."""
-        rows = self.eval_rows[self.rank:self.cfg.n_eval_generations:self.world_size]
-        examples = self.generation_examples[self.rank:self.cfg.n_eval_generations:self.world_size]
+        answer (the bundled task is verifiable: chosen is the right answer).
+        Returns (correct, decoded) for this rank: one generate() call per rank
+        (a collective when sharded), all prompts at once."""
+        n = min(self.cfg.n_eval_generations, len(self.eval_rows))
+        ((mine, weight),) = self.eval_shards(list(zip(self.eval_rows[:n], self.generation_examples[:n])), n)
+        rows, examples = zip(*mine)
         batch = collate_prompts([ex.prompt for ex in examples], self.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         max_new = max(len(ex.chosen) for ex in examples)
@@ -575,8 +606,8 @@ class BasicTrainer:
             **batch, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id)
         answers = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct = sum(a.strip() == r.chosen.strip() for a, r in zip(answers, rows))
-        return correct / max(1, len(rows))
+        correct = sum(a.strip() == r.chosen.strip() for a, r in zip(answers, rows)) if weight else 0
+        return correct, weight
 
     # ------------------------------------------------------------ checkpoints
     def training_state(self) -> dict:
@@ -598,6 +629,7 @@ class BasicTrainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "examples": self.examples,
+            "tokens": self.tokens,
             "data": self.train_stream.state(),
             "rng": checkpoints.rng_state(),
             "divergence": self.divergence.state(),
@@ -607,6 +639,7 @@ class BasicTrainer:
     def load_progress_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples = state["step"], state["examples"]
+        self.tokens = state.get("tokens", 0)   # absent in checkpoints written before it was counted
         self.train_stream.load_state(state["data"])
         checkpoints.set_rng_state(state["rng"])
         if "divergence" in state:   # absent in checkpoints written before the guard existed

@@ -43,6 +43,7 @@ CLAIMED_ENV = "PREFOPT_RUN_DIR_CLAIMED"   # set for worker processes whose launc
 # model, precision, ...) would mix two runs in one, and is refused.
 CHANGEABLE_ON_RESUME = ("max_steps", "log_every", "eval_every", "save_every", "keep_last", "resume", "run_dir",
                         "nonfinite", "compile", "keep_cpu_memory", "eval_batch_size", "trainer.nproc",
+                        "trainer.replicate", "trainer.timeout_s",
                         "reference_cache_dir")
 CHANGEABLE_PREFIXES = ("wandb.", "divergence.", "hydra.")
 

@@ -63,6 +63,8 @@ CASES = [
      "optimizer=AdamW rejected its settings: Invalid beta parameter at index 0: 1.5", 2),
     ("bf16 on CPU", {}, [*SMALL, "precision=bf16", "device=cpu"], "precision=bf16 on CPU is far slower than fp32", 2),
     ("CUDA without a GPU", {}, [*SMALL, "device=cuda"], "device=cuda was requested but no CUDA GPU is visible", 2),
+    ("HSDP copies that do not divide the ranks", {}, [*SMALL, "trainer=fsdp", "trainer.nproc=2", "trainer.replicate=3"],
+     "trainer.replicate=3 does not divide the world size (2 ranks)", 2),
     ("missing archive", {}, ["model.archive=no_such_run"], "model.archive=no_such_run is not a Hugging Face checkpoint", 2),
     ("unreadable checkpoint", {"ckpt/config.json": '{"model_type": "llama"}', "ckpt/model.safetensors": b"garbage"},
      [*SMALL, "model.archive=ckpt"], "model.archive=ckpt could not be loaded", 2),

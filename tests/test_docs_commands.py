@@ -43,6 +43,10 @@ NOT_RUN = {
         "itself runs in the command before it",
     "torchrun --nproc_per_node=8 train.py trainer=fsdp ...":
         "8 GPUs, and `...` stands for more overrides; the CPU form (trainer.nproc=2) is the next command",
+    "--rdzv_endpoint=node0:29400":
+        "two machines with 8 GPUs each; the same line over the loopback interface is the next command",
+    "srun --nodes=2":
+        "a SLURM cluster; the same static-rendezvous torchrun lines run on the loopback interface after it",
     "python train.py trainer=fsdp model=tinyllama-1b":
         "the GPU benchmark loop: TinyLlama-1.1B at max_length=1024 on 8 GPUs, as the text says",
 }

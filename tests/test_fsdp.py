@@ -165,8 +165,15 @@ def test_optimizers_that_cannot_shard_are_refused_in_one_line(tmp_path, optimize
 
 
 def test_bf16_on_cpu_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="trainer.mixed_precision: precision=bf16 on CPU"):
-        make_trainer(tmp_path, "trainer=fsdp", "trainer.mixed_precision=bf16", "device=cpu")
+    """bf16 *storage* (precision=bf16) on CPU is refused before any process
+    starts, whatever the compute dtype: a whole run at bf16 matmul speed looks
+    hung. bf16 *compute* (trainer.mixed_precision=bf16 over fp32 storage) is
+    an opt-in for testing the GPU path: tests/test_fsdp_gpu_paths.py."""
+    for compute in ("auto", "bf16"):
+        with pytest.raises(ConfigError, match="^precision=bf16 on CPU is far slower than fp32") as e:
+            make_trainer(tmp_path, "trainer=fsdp", "precision=bf16", f"trainer.mixed_precision={compute}",
+                         "device=cpu")
+        assert "\n" not in str(e.value)
 
 
 

@@ -72,7 +72,7 @@ def test_reference_free_dpo_loss_in_both_layouts(micro_trainer, share_prompt):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-TRAIN_KEYS = {"step", "examples", "loss/train", "rewards_train/chosen", "rewards_train/rejected",
+TRAIN_KEYS = {"step", "examples", "tokens", "loss/train", "rewards_train/chosen", "rewards_train/rejected",
               "rewards_train/accuracies", "rewards_train/margins", "logps_train/chosen", "logps_train/rejected",
               "grad_norm", "lr", "tokens_per_s", "memory/params_bytes", "memory/grads_bytes",
               "memory/optimizer_state_bytes", "memory/peak_bytes"}
@@ -90,6 +90,14 @@ def test_metrics_contract_and_checkpoint(micro_trainer, tmp_path):
     eval_rows = [r for r in rows if "loss/eval" in r]
     assert [r["step"] for r in train_rows] == [2, 4] and [r["step"] for r in eval_rows] == [0, 2, 4]
     assert [r["examples"] for r in train_rows] == [16, 32]                   # batch_size=8
+    # tokens: prompt + response of each chosen and rejected sequence, counted by hand over the same batches
+    from preference_datasets import BatchStream
+
+    stream, counted = BatchStream(t.train_stream.examples, 8, 0), []
+    for _ in range(2):
+        pairs = stream.next_examples() + stream.next_examples()
+        counted.append(sum(2 * len(ex.prompt) + len(ex.chosen) + len(ex.rejected) for ex in pairs))
+    assert [r["tokens"] for r in train_rows] == [counted[0], counted[0] + counted[1]]
     for r in train_rows:
         assert TRAIN_KEYS <= set(r)
         assert r["memory/optimizer_state_bytes"] == r["memory/optimizer_state/exp_avg_bytes"] + \

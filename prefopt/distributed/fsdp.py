@@ -45,20 +45,22 @@ import os
 import shutil
 import sys
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from prefopt import adapters, checkpoints, reference_cache
+from prefopt import adapters, checkpoints, reference_cache, rundir
 from prefopt import optim as optimizers
 from prefopt.config_checks import micro_batch_size
+from prefopt.distributed import failures
 from prefopt.distributed.launch import relaunch, requested_nproc
-from prefopt.distributed.sharding import broadcast_object, compute_dtype, local, shard_model
+from prefopt.distributed.sharding import CPU_BF16_WARNING, broadcast_object, compute_dtype, local, shard_model
 from prefopt.optim.sharded import LocalShardOptimizer, blocks_of, with_summed_block_stats
 from trainers import BasicTrainer
-from utils import ConfigError, atomic_directory, resolve_device
+from utils import ConfigError, TrainingError, atomic_directory, resolve_device, resolve_dtype
 
 FUSED_ON_DTENSOR = ("Adam", "AdamW")  # the fused optimizer kernels DTensor has sharding rules for
 
@@ -87,7 +89,8 @@ class FSDPTrainer(BasicTrainer):
         launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         nproc = requested_nproc(cfg.trainer.get("nproc"), device)
         if not launched and nproc > 1:
-            self._check_batch_split(nproc)
+            micro_batch_size(cfg, nproc)   # before any process starts: batch_size must split over them
+            self._replicas(nproc)
             relaunch(nproc, self.run_dir)  # never returns
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -97,20 +100,61 @@ class FSDPTrainer(BasicTrainer):
             device = torch.device(cfg.device)
         self._owns_process_group = not dist.is_initialized()
         if self._owns_process_group:
-            backend = "nccl" if device.type == "cuda" else "gloo"
+            backend = self._backend(device)
+            timeout = timedelta(seconds=float(cfg.trainer.get("timeout_s") or 1800))
             if launched:  # torchrun (or our relaunch) set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-                dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+                dist.init_process_group(backend, timeout=timeout,
+                                        device_id=device if device.type == "cuda" else None)
             else:  # one process: FSDP over a world of 1 (for comparisons of N=1 with N>1)
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        from torch.distributed.device_mesh import init_device_mesh
-
-        self.mesh = init_device_mesh(device.type, (self.world_size,))
+        self.mesh = self._device_mesh(device)
+        self.shard_group = self.mesh["shard"].get_group()
         self._agree_on_run_dir()
         if not self.is_main:
             sys.stdout = open(os.devnull, "w")  # one "done:" line, one progress bar; errors still reach stderr
         self._placements = {}
         self._block_optimizer = None
+
+    def _backend(self, device: torch.device) -> str:
+        """gloo on CPU, NCCL on GPUs. GPU-only (never run on a GPU): with
+        cpu_offload=true the shards and their gradients are CPU tensors, which
+        NCCL cannot reduce (global norm, Adam-mini's block sums), so CPU
+        tensors go through gloo in the same process group."""
+        if device.type != "cuda":
+            return "gloo"
+        return "cuda:nccl,cpu:gloo" if self.offloads else "nccl"
+
+    def _device_mesh(self, device: torch.device):
+        """FSDP: one mesh dimension ("shard") over every rank. HSDP
+        (trainer.replicate=R): a 2-D mesh ("replicate", "shard") of R rows;
+        torchrun numbers ranks node by node, so with one row per node each
+        model is sharded inside a node and replicated across nodes, and only
+        the replicas' gradient all-reduce crosses the network."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        replicate = self._replicas(self.world_size)
+        if replicate == 1:
+            return init_device_mesh(device.type, (self.world_size,), mesh_dim_names=("shard",))
+        return init_device_mesh(device.type, (replicate, self.world_size // replicate),
+                                mesh_dim_names=("replicate", "shard"))
+
+    def _replicas(self, world_size: int) -> int:
+        """trainer.replicate, checked against the number of ranks."""
+        replicate = self.cfg.trainer.get("replicate") or 1
+        if isinstance(replicate, str) and replicate.isdigit():
+            replicate = int(replicate)
+        if not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 1:
+            raise ConfigError(f"trainer.replicate={replicate!r} must be a positive integer (1 = plain FSDP)")
+        if world_size % replicate:
+            raise ConfigError(f"trainer.replicate={replicate} does not divide the world size ({world_size} ranks); "
+                              "use a divisor of it, usually the number of nodes")
+        return replicate
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks that one copy of the model is sharded over (world size unless HSDP)."""
+        return self.mesh["shard"].size()
 
     def _check_supported(self, device: torch.device) -> None:
         """Everything that can be refused before a process starts: one line each."""
@@ -119,10 +163,8 @@ class FSDPTrainer(BasicTrainer):
         refusal = fsdp_refusal(name)
         if refusal:
             raise ConfigError(f"optimizer={name} cannot train under trainer=fsdp: {refusal}")
+        resolve_dtype(cfg.precision, device)   # storage: bf16/fp16 on CPU refused before any process starts
         self.compute_dtype = compute_dtype(cfg.trainer.get("mixed_precision", "auto"), cfg.precision, device)
-        if cfg.get("cpu_offload", False) and device.type == "cuda":
-            raise ConfigError("cpu_offload=true is not supported under trainer=fsdp yet (the sharded optimizer state "
-                              "already shrinks 1/N per GPU); drop cpu_offload or use trainer=basic")
         if OmegaConf.select(cfg, "metrics.update_sparsity", default=False):
             raise ConfigError("metrics.update_sparsity=true is not available under trainer=fsdp yet (sparsity.py "
                               "compares whole tensors; a rank holds shards); use trainer=basic for it")
@@ -137,14 +179,32 @@ class FSDPTrainer(BasicTrainer):
                               "base model on one rank); use trainer=basic for it, or merge a checkpoint's adapter "
                               "files with peft (PeftModel.from_pretrained(base, <checkpoint>).merge_and_unload())")
 
-    def _check_batch_split(self, world: int) -> None:
-        cfg = self.cfg
-        micro_batch_size(cfg, world)
-        keys = ("n_eval_examples", "n_eval_generations") if cfg.dataset.get("verifiable") else ("n_eval_examples",)
-        for key in keys:
-            if cfg[key] % world:
-                raise ConfigError(f"{key}={cfg[key]} must be a multiple of the world size {world} under trainer=fsdp "
-                                  "(every rank must run the same number of forward passes)")
+    @property
+    def offloads(self) -> bool:
+        """cpu_offload=true: FSDP2's CPUOffloadPolicy for the policy and the reference."""
+        return bool(self.cfg.get("cpu_offload", False))
+
+    def _offload_device(self) -> None:
+        """cpu_offload=true under trainer=fsdp is FSDP2's CPUOffloadPolicy
+        (sharding.offload_policy): the sharded parameters, their gradients and
+        so the optimizer state are in CPU memory already, so the basic trainer's
+        OffloadedOptimizer (a second, master copy) is never used here."""
+        return None
+
+    def _shard_device(self) -> torch.device:
+        """Where the sharded parameters live: CPU under cpu_offload=true (FSDP2
+        refuses offloaded shards anywhere else), else the training device."""
+        return torch.device("cpu") if self.offloads else self.device
+
+    def _cpu_run_notes(self) -> None:
+        """One line each for the GPU paths a CPU run takes only to test them."""
+        if self.device.type != "cpu":
+            return
+        if self.compute_dtype == torch.bfloat16:
+            self.print(CPU_BF16_WARNING)
+        if self.offloads:
+            self.print("cpu_offload=true on CPU: FSDP's CPUOffloadPolicy is applied (the GPU path), but the shards "
+                       "are in CPU memory already, so nothing moves")
 
     def _agree_on_run_dir(self) -> None:
         """Under a plain `torchrun`, each rank's Hydra resolved run_dir from its own
@@ -164,14 +224,14 @@ class FSDPTrainer(BasicTrainer):
         the frozen base weights (one FSDP unit each, mixed requires_grad), and
         its generate() and forward gather the root's parameters as without
         adapters. The PEFT model is returned (the policy), sharded in place."""
-        self._check_even_eval()
+        self._cpu_run_notes()
         placements = self._block_placements(model)   # by the policy's parameter names
         root = adapters.base_model(model)
         names = {id(p): n for n, p in root.named_parameters()}
         self._placements = {names[id(p)]: placements[n] for n, p in model.named_parameters() if n in placements}
         shard_model(root, self.mesh, placements=self._placements,
                     reshard_after_forward=bool(self.cfg.trainer.reshard_after_forward),
-                    param_dtype=self.compute_dtype,
+                    param_dtype=self.compute_dtype, cpu_offload=self.offloads,
                     activation_checkpointing=bool(self.cfg.trainer.activation_checkpointing))
         return model
 
@@ -186,7 +246,13 @@ class FSDPTrainer(BasicTrainer):
     def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
         """The reference: an empty twin of the sharded policy, sharded the same
         way, into which each rank copies its own shards. No rank ever holds a
-        second full copy of the model."""
+        second full copy of the model. Under cpu_offload=true its shards are
+        offloaded as the policy's are: it never has gradients or optimizer
+        state, so offloading costs it only the copy of each block's shards to
+        the GPU before its all-gather (the policy pays the same every forward)
+        and frees params/N of GPU memory per rank, what reference.offload=true
+        does for trainer=basic, one block at a time. FSDP moves parameters
+        only: the buffers (rotary frequencies) are the policy's, on its device."""
         from torch.distributed.fsdp import FSDPModule
 
         original_cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
@@ -194,15 +260,16 @@ class FSDPTrainer(BasicTrainer):
             twin = original_cls(copy.deepcopy(model.config)).to(next(model.parameters()).dtype)
         twin.eval().requires_grad_(False)
         shard_model(twin, self.mesh, placements=self._placements, reshard_after_forward=True,
-                    param_dtype=self.compute_dtype)
-        twin.to_empty(device=self.device)
+                    param_dtype=self.compute_dtype, cpu_offload=self.offloads)
+        twin.to_empty(device=self._shard_device())
         with torch.no_grad():
             for (name, mine), (other, theirs) in zip(twin.named_parameters(), model.named_parameters(), strict=True):
                 assert name == other, (name, other)
                 mine.to_local().copy_(theirs.to_local())
             buffers = dict(model.named_buffers())
-            for name, buffer in twin.named_buffers():
-                buffer.copy_(buffers[name])
+            for name, _ in list(twin.named_buffers()):
+                owner, _, leaf = name.rpartition(".")
+                twin.get_submodule(owner)._buffers[leaf] = buffers[name].clone()
         return twin
 
     def _block_placements(self, model: torch.nn.Module) -> dict:
@@ -225,24 +292,16 @@ class FSDPTrainer(BasicTrainer):
             if layout.cell_dim == 1:
                 continue  # blocks are columns: dim-0 shards cut across every block already
             shape = shapes[name]
-            if len(shape) != 2 or shape[1] % self.world_size:
+            if len(shape) != 2 or shape[1] % self.shard_size:
                 raise ConfigError(
-                    f"optimizer={cfg.optimizer.name} cannot be sharded over {self.world_size} ranks: the blocks of "
+                    f"optimizer={cfg.optimizer.name} cannot be sharded over {self.shard_size} ranks: the blocks of "
                     f"{name} {shape} are rows, so FSDP must split its columns, which needs a 2-D tensor whose "
-                    f"second dimension is a multiple of {self.world_size}")
+                    f"second dimension is a multiple of {self.shard_size}")
             placements[name] = Shard(1)
         self._block_optimizer = (type(template), template.roles,
                                  {n: blocks_of(lay) for n, lay in template.layouts.items()})
         del template  # it holds the unsharded parameters
         return placements
-
-    def _check_even_eval(self) -> None:
-        n_gen = min(self.cfg.n_eval_generations, len(self.eval_rows)) if self.cfg.dataset.get("verifiable") else 0
-        for what, n in (("evaluation examples", len(self.eval_examples)), ("eval generations", n_gen)):
-            if n % self.world_size:
-                raise ConfigError(f"{n} {what} cannot be split evenly over {self.world_size} ranks; under "
-                                  "trainer=fsdp every rank must run the same number of forward passes "
-                                  "(set n_eval_examples / n_eval_generations to a multiple of the world size)")
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         if self._block_optimizer is None:
@@ -255,7 +314,7 @@ class FSDPTrainer(BasicTrainer):
 
         def build(named_local):
             inner = sharded_cls(named_local, roles, decay_embeddings=cfg.decay_embeddings, **kwargs)
-            inner.process_group = self.mesh.get_group()
+            inner.process_group = self.shard_group   # a block's shards: one copy of the model
             got = {n: blocks_of(lay) for n, lay in inner.layouts.items()}
             if got != expected:
                 bad = next(n for n in expected if got.get(n) != expected[n])
@@ -291,6 +350,39 @@ class FSDPTrainer(BasicTrainer):
         dist.all_gather_object(digests, mine)
         return ",".join(digests)
 
+    # ------------------------------------------------------------ failures
+    def train(self) -> None:
+        """The basic trainer's loop. A rank that leaves it with an exception
+        says so in the store; when a peer died (or stopped with its own
+        error), one survivor prints one line naming it, with where to resume
+        from, and every rank exits (failures.py)."""
+        try:
+            super().train()
+        except (ConfigError, SystemExit, KeyboardInterrupt):
+            failures.mark_left(self.rank, "error")   # this rank's own one-line error (or a second Ctrl-C)
+            raise
+        except Exception:
+            if self.world_size == 1:
+                raise
+            failures.mark_left(self.rank, "lost")
+            left = failures.wait_for_peers(self.world_size)
+            message = failures.explain(left, self.world_size, self.step)
+            if message is None:
+                raise   # every rank failed the same way on its own: show it as it is
+            if not failures.reporter(left, self.rank, int(os.environ.get("LOCAL_RANK", 0))):
+                raise SystemExit(TrainingError.exit_code) from None
+            where = self.last_checkpoint()
+            raise TrainingError(f"{message}. {where[0].upper()}{where[1:]}; {self.resume_hint()}") from None
+
+    def resume_hint(self) -> str:
+        """How to continue: the same launch with resume=true."""
+        if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:   # torchrun's number of nodes
+            return ("start the same torchrun command on every node again with resume=true "
+                    f"(any number of ranks: the checkpoint is resharded); run_dir={self.run_dir}")
+        command = rundir.resume_command(self.run_dir)
+        nproc = "" if "trainer.nproc=" in command else f" trainer.nproc={self.world_size}"
+        return f"resume with: {command}{nproc}"
+
     # ------------------------------------------------------ metrics, grads
     def stop_requested(self, stop) -> bool:
         """A signal seen by any rank stops every rank after the same step (one
@@ -302,20 +394,15 @@ class FSDPTrainer(BasicTrainer):
             stop.requested = "a signal to another rank"
         return bool(stop.requested)
 
-    def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Mean over ranks: one all_reduce of one stacked tensor. A NaN (a
-        metric with nothing to average on this rank, such as KTO's desirable
-        rewards in a batch without desirable rows) is left out of the mean."""
+    def sum_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each value summed over every rank of every node: one all_reduce of
+        one stacked float64 tensor (counts stay exact up to 2^53)."""
         if self.world_size == 1:
-            return metrics
-        keys = sorted(metrics)
-        flat = torch.stack([torch.as_tensor(metrics[k]).to(self.device, torch.float64).reshape(()) for k in keys])
-        present = ~flat.isnan()
-        flat = torch.cat([torch.where(present, flat, 0.0), present.double()])
+            return values
+        keys = sorted(values)
+        flat = torch.stack([torch.as_tensor(values[k]).to(self.device, torch.float64).reshape(()) for k in keys])
         dist.all_reduce(flat)
-        total, count = flat.chunk(2)
-        reduced = dict(zip(keys, (total / count).unbind()))
-        return {k: reduced[k] for k in metrics}
+        return dict(zip(keys, flat.unbind()))
 
     def gradient_sync(self, last_micro_batch: bool):
         """Non-final micro-batches accumulate unsharded gradients locally; the
@@ -335,11 +422,13 @@ class FSDPTrainer(BasicTrainer):
         return total
 
     def global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """L2 norm over every rank's shards: one all_reduce of the local sum of squares."""
+        """L2 norm over the shards of one copy of the model: one all_reduce of
+        the local sum of squares in the shard group (under HSDP the other
+        copies hold the same values and are not counted again)."""
         shards = [local(t).detach() for t in tensors]
         sq = (torch.stack(torch._foreach_norm(shards)).float().square().sum() if shards
               else torch.zeros((), device=self.device))
-        dist.all_reduce(sq)
+        dist.all_reduce(sq, group=self.shard_group)
         return sq.sqrt()
 
     def reduce_memory(self, mine: dict[str, int]) -> dict[str, int]:
