@@ -10,9 +10,15 @@ this module; `FSDPTrainer` overrides only the "distributed hooks" of
 What is sharded: every parameter of the policy, its gradients and its
 optimizer state (1/N per rank), one `fully_shard` group per decoder block
 plus the root; the frozen reference model is sharded the same way and never
-gets gradients. Precision: master weights and optimizer state in `precision`
-(fp32 by default); on GPU the forward/backward runs in bf16 by default
-(`trainer.mixed_precision`) with fp32 gradient reduction.
+gets gradients. With `trainer.replicate=R` (HSDP, several nodes) each copy
+of the model is sharded over N/R ranks and there are R copies. Precision:
+master weights and optimizer state in `precision` (fp32 by default); on GPU
+the forward/backward runs in bf16 by default (`trainer.mixed_precision`)
+with fp32 gradient reduction (bf16 on CPU is an opt-in, to test that path).
+`cpu_offload=true` is FSDP2's CPUOffloadPolicy for policy and reference.
+
+Several nodes: the same `torchrun` line on each (docs/multinode.md). A rank
+that dies is named in one line by a survivor (failures.py).
 
 Adapters (peft=lora/dora): the PEFT wrapper's transformers model is sharded
 the same way, its decoder blocks holding the trainable adapters next to the
