@@ -424,6 +424,7 @@ def _check_types(cfg: DictConfig, defaults: DictConfig) -> None:
     from prefopt import optim as optimizers
 
     ignore = ("run_dir", "wandb.name", "wandb.group", "wandb.tags", "model.archive")
+    any_length = ("plan.optimizers", "plan.lora_ranks")   # lists whose default is one example of any length
     default_leaves = dict(_leaves(OmegaConf.to_container(defaults, resolve=False)))
     keywords = optimizers.config_kinds(OmegaConf.select(cfg, "optimizer.name"))
     for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
@@ -440,6 +441,8 @@ def _check_types(cfg: DictConfig, defaults: DictConfig) -> None:
         kind = keywords[keyword] if group == "optimizer" and keyword in keywords else Kind.of(default)
         if default == "auto":   # auto | true | false switches (dataset.chat_template, data.add_bos, data.unpaired)
             kind = Kind(frozenset({str, bool}))
+        if key in any_length and kind is not None:
+            kind = Kind(lengths=frozenset(), items=kind.items[:1])
         if kind is not None and not kind.accepts(value):
             raise ConfigError(f"{key}={value!r} should be {kind.describe()} (default: {default})")
 
@@ -509,6 +512,10 @@ def validate(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     optimizers.get_entry(cfg.optimizer.name)   # unknown or refused optimizer (e.g. a missing package)
     if cfg.model.get("archive"):
         resolve_archive(cfg.model.archive)
+    if cfg.get("plan_only"):
+        from prefopt.memory.settings import plan_settings
+
+        plan_settings(cfg)   # plan.* (gpu_memory=80GiB, gpus, ...)
     _writable_dir(cfg.run_dir)
     if cfg.resume:
         from prefopt import checkpoints
