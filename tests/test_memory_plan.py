@@ -100,7 +100,7 @@ def test_hsdp_plans_the_shards_of_one_replica():
                                     "trainer.replicate=8", "batch_size=64"))
     assert hsdp["per_rank"]["params_bytes"] == 4 * LLAMA2_7B // 8 and hsdp["shards"] == 8
     assert hsdp["per_rank"]["optimizer_state_bytes"] == 2 * 4 * LLAMA2_7B // 8 + 4 * TENSORS
-    with pytest.raises(ConfigError, match="trainer.replicate=3 must be a positive integer that divides the 64"):
+    with pytest.raises(ConfigError, match=r"trainer.replicate=3 does not divide the world size \(64 ranks\)"):
         memory_plan.plan(compose("model=llama2-7b", "plan_only=true", "trainer=fsdp", "plan.gpus=64",
                                  "trainer.replicate=3"))
 

@@ -62,7 +62,7 @@ from prefopt import adapters, checkpoints, reference_cache, rundir
 from prefopt import optim as optimizers
 from prefopt.config_checks import micro_batch_size
 from prefopt.distributed import failures
-from prefopt.distributed.launch import relaunch, requested_nproc
+from prefopt.distributed.launch import relaunch, requested_nproc, requested_replicas
 from prefopt.distributed.sharding import CPU_BF16_WARNING, broadcast_object, compute_dtype, local, shard_model
 from prefopt.optim.sharded import LocalShardOptimizer, blocks_of, with_summed_block_stats
 from trainers import BasicTrainer
@@ -146,16 +146,7 @@ class FSDPTrainer(BasicTrainer):
                                 mesh_dim_names=("replicate", "shard"))
 
     def _replicas(self, world_size: int) -> int:
-        """trainer.replicate, checked against the number of ranks."""
-        replicate = self.cfg.trainer.get("replicate") or 1
-        if isinstance(replicate, str) and replicate.isdigit():
-            replicate = int(replicate)
-        if not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 1:
-            raise ConfigError(f"trainer.replicate={replicate!r} must be a positive integer (1 = plain FSDP)")
-        if world_size % replicate:
-            raise ConfigError(f"trainer.replicate={replicate} does not divide the world size ({world_size} ranks); "
-                              "use a divisor of it, usually the number of nodes")
-        return replicate
+        return requested_replicas(self.cfg.trainer.get("replicate"), world_size)
 
     @property
     def shard_size(self) -> int:

@@ -27,6 +27,19 @@ def requested_nproc(nproc, device: torch.device) -> int:
     return nproc
 
 
+def requested_replicas(replicate, world_size: int) -> int:
+    """`trainer.replicate` (HSDP copies of the model), checked against the ranks."""
+    if isinstance(replicate, str) and replicate.isdigit():
+        replicate = int(replicate)
+    replicate = 1 if replicate is None else replicate
+    if not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 1:
+        raise ConfigError(f"trainer.replicate={replicate!r} must be a positive integer (1 = plain FSDP)")
+    if world_size % replicate:
+        raise ConfigError(f"trainer.replicate={replicate} does not divide the world size ({world_size} ranks); "
+                          "use a divisor of it, usually the number of nodes")
+    return replicate
+
+
 # torch.distributed.run, except that a worker's failure ends it with the
 # worker's exit status and no launcher traceback: the worker has already said
 # what went wrong in one line.

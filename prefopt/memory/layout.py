@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from utils import ConfigError
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -83,11 +81,9 @@ def requested_ranks(cfg, gpus: int | None) -> tuple[int, bool]:
 
 def replicas(cfg, ranks: int) -> int:
     """trainer.replicate (HSDP), which must divide the number of GPUs."""
-    r = OmegaConf.select(cfg, "trainer.replicate", default=1) or 1
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or ranks % r:
-        raise ConfigError(f"trainer.replicate={r!r} must be a positive integer that divides the {ranks} GPUs planned "
-                          "for (HSDP: the model is sharded over GPUs / replicate ranks, replicated replicate times)")
-    return r
+    from prefopt.distributed.launch import requested_replicas
+
+    return requested_replicas(OmegaConf.select(cfg, "trainer.replicate", default=1), ranks)
 
 
 def shard_dims(model: torch.nn.Module, cfg, shards: int) -> dict[str, int]:
