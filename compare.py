@@ -240,7 +240,7 @@ def summarize(run: Path, target_loss: float) -> dict:
 CURVES = {"eval_loss": ("loss/eval", "evals"), "margin": ("rewards_eval/margins", "evals"),
           "reward_acc": ("rewards_eval/accuracies", "evals"), "chosen": ("logps_eval/chosen", "evals"),
           "greedy": ("generate_eval/accuracy", "evals"), "state": ("memory/optimizer_state_bytes", "logs"),
-          "peak": ("memory/peak_bytes", "logs")}
+          "peak": ("memory/peak_bytes", "logs"), "tokens": ("tokens", "logs")}   # tokens: cumulative, trained on
 
 
 def _curves(evals: list[dict], logs: list[dict]) -> dict[str, list]:
@@ -286,13 +286,17 @@ def columns(summaries: list[dict], target_loss: float) -> list[tuple[str, str, c
 def format_table(summaries: list[dict], target_loss: float, markdown: bool = False) -> str:
     cols = columns(summaries, target_loss)
     cells = [[fmt(s[key]) for _, key, fmt in cols] for s in summaries]
-    headers = [h for h, _, _ in cols]
+    return render_table([h for h, _, _ in cols], cells, markdown, left={"run", "optimizer", "loss"})
+
+
+def render_table(headers: list[str], cells: list[list[str]], markdown: bool = False, left=()) -> str:
+    """Rows of already formatted cells as Markdown, or as aligned text (the
+    `left` columns left-aligned, numbers right-aligned). Shared with study.py."""
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    left = {"run", "optimizer", "loss"}
 
     def line(values):
         return "  ".join(v.ljust(w) if h in left else v.rjust(w) for v, w, h in zip(values, widths, headers)).rstrip()

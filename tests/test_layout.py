@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted([*ROOT.glob("*.py"), *(ROOT / "prefopt").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
-TOP_LEVEL = {"train.py", "trainers.py", "preference_datasets.py", "utils.py", "compare.py"}
+TOP_LEVEL = {"train.py", "trainers.py", "preference_datasets.py", "utils.py", "compare.py", "study.py"}
 
 
 def module_name(path: Path) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from prefopt.memory import planner
+import prefopt.memory.planner as planner
 from prefopt.memory.layout import replicas, requested_ranks
 from prefopt.memory.planner import Budget, ModelPlan
 from prefopt.memory.settings import PlanSettings

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from prefopt.memory import activations as act
+import prefopt.memory.activations as act
 from prefopt.memory.layout import Layout, parameter_bytes, rank0_numel, replicas, requested_ranks, shard_dims
 from prefopt.memory.settings import PlanSettings, plan_settings
 from prefopt.memory.sources import build_meta_model, source_name
