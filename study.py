@@ -77,6 +77,8 @@ OPTIMIZER_KEYS = {"optimizer", "overrides", "lr"}
 SET_BY_STUDY = ("lr", "seed", "optimizer", "run_dir", "resume", "wandb.group", "model.archive")
 
 # Health-note thresholds (docs/study.md says why).
+DISPLACED_SHARE = 0.05      # likelihood displacement: the chosen log-prob fell by more than this share of its
+                            # first value's magnitude (a few hundredths of a nat is noise, not displacement)
 SATURATED_ACCURACY = 0.95   # margins saturating: reward accuracy at the last eval at least this ...
 SATURATED_RATE = 0.10       # ... and the margin's gain per step over the last eval interval below this share of
                             # its gain per step over the first
@@ -621,10 +623,12 @@ def loss_at_tokens(curves: dict, budget: float | None) -> float | None:
 
 
 def likelihood_displacement(curves: dict) -> bool:
-    """The chosen responses' log-prob at the last eval below the first, while
-    the reward margin rose: the policy separates the pair by pushing both down."""
+    """The chosen responses' log-prob at the last eval below the first by more
+    than DISPLACED_SHARE of its magnitude, while the reward margin rose: the
+    policy separates the pair by pushing both down."""
     chosen, margin = curves["chosen"], curves["margin"]
-    return len(chosen) >= 2 and len(margin) >= 2 and chosen[-1] < chosen[0] and margin[-1] > margin[0]
+    return len(chosen) >= 2 and len(margin) >= 2 and margin[-1] > margin[0] and \
+        chosen[0] - chosen[-1] > DISPLACED_SHARE * abs(chosen[0])
 
 
 def margins_saturating(curves: dict) -> bool:

@@ -52,6 +52,11 @@ NOT_RUN = {
 }
 # Commands of which only a part runs here.
 RUN_INSTEAD = {
+    "python study.py smollm2":
+        ("python study.py smollm2 --dry-run", "8 trainings of SmolLM2-135M (minutes each on 2 cores)"),
+    "python study.py tiny":
+        ("python study.py tiny --dry-run", "the whole study is 70 trainings (13 min on 2 cores); tests/test_study.py "
+         "runs a real small study twice"),
     "python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && .venv/bin/python train.py":
         (".venv/bin/python train.py", "creating the venv and installing from PyPI need the network; the venv exists"),
 }

@@ -215,6 +215,8 @@ def curves(margin, acc=1.0, chosen=(-10.0, -9.0), steps=None):
 def test_likelihood_displacement():
     assert study.likelihood_displacement(curves([0.0, 2.0], chosen=[-10.0, -12.0, -15.0]))
     assert not study.likelihood_displacement(curves([0.0, 2.0], chosen=[-10.0, -9.0]))     # chosen rose
+    assert not study.likelihood_displacement(curves([0.0, 2.0], chosen=[-10.0, -10.5]))    # fell by 5%: not more
+    assert study.likelihood_displacement(curves([0.0, 2.0], chosen=[-10.0, -10.6]))        # fell by 6%
     assert not study.likelihood_displacement(curves([2.0, 1.0], chosen=[-10.0, -12.0]))    # margin fell
     assert not study.likelihood_displacement(curves([0.0, 2.0], chosen=[-10.0]))
 
