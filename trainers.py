@@ -534,7 +534,8 @@ class BasicTrainer:
         # Means over the window's micro-batches of every rank (all of one size:
         # batch_size / (gradient_accumulation_steps * world)); a NaN (nothing
         # to average in that micro-batch, e.g. KTO's desirable rewards) is left out.
-        sums, counts = {"_tokens": torch.stack(window.pop("_tokens")).sum().float()}, {}
+        # tokens in float64: exact to 2^53 (float32 would round a window's sum above 2^24 = 16.8M tokens)
+        sums, counts = {"_tokens": torch.stack(window.pop("_tokens")).sum().double()}, {}
         for k, v in window.items():
             v = torch.stack(v).float()
             present = ~v.isnan()
