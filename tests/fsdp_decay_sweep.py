@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsdp_optimizer_sweep as sweep  # noqa: E402  (puts the repository root on sys.path)
+import launched  # noqa: E402
 
 WEIGHT_DECAY = 0.1
 
@@ -75,13 +76,9 @@ def main() -> None:
         dist.broadcast_object_list(box, src=1)
         if rank == 0:
             torch.save({"fsdp": fsdp, "basic": basic, "no_decay": box[0], "steps": steps}, out / f"{name}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    launched.finish()
 
 
 if __name__ == "__main__":
-    import os
-
-    for key, value in (("WANDB_SILENT", "true"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
-        os.environ.setdefault(key, value)
+    launched.quiet_environment()
     main()

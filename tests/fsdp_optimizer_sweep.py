@@ -9,11 +9,11 @@ One process group serves every trainer, so the launch is paid once; only the
 named optimizers' config nodes are registered (conftest registers all, which
 imports every optional optimizer package)."""
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import launched
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +56,9 @@ def main() -> None:
         fsdp = evaluate_after_two_steps(base / "fsdp", "trainer=fsdp", f"optimizer={name}")
         if rank == 0:
             results[name] = {"fsdp": fsdp, "basic": evaluate_after_two_steps(base / "basic", f"optimizer={name}")}
-    if rank == 0:
-        out.write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    launched.finish(out, results)
 
 
 if __name__ == "__main__":
-    for key, value in (("WANDB_SILENT", "true"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
-        os.environ.setdefault(key, value)
+    launched.quiet_environment()
     main()

@@ -19,6 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import launched
 import pytest
 
 STEPS = 3
@@ -363,14 +364,10 @@ def main() -> None:
     optimizers.register_configs(["SGD", "AdamW"])
     dist.init_process_group("gloo")
     results = {name: run_variant(out.parent / name, common, overrides) for name, overrides in VARIANTS.items()}
-    if dist.get_rank() == 0:
-        out.write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    launched.finish(out, results)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    for key, value in (("WANDB_SILENT", "true"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
-        os.environ.setdefault(key, value)
+    launched.quiet_environment()
     main()

@@ -16,11 +16,11 @@ made from the config alone (plan_only=true), never from the run.
 """
 import importlib.util
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import launched
 import pytest
 import torch
 
@@ -288,13 +288,9 @@ def main(out: Path, cases: dict) -> None:
         trainer.setup()
         results[name] = measured_step(trainer)
         trainer.cleanup()
-    if dist.get_rank() == 0:
-        out.write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    launched.finish(out, results)
 
 
 if __name__ == "__main__":
-    for key, value in (("WANDB_SILENT", "true"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
-        os.environ.setdefault(key, value)
+    launched.quiet_environment()
     main(Path(sys.argv[1]), json.loads(sys.argv[2]))
